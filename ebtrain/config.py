@@ -1,0 +1,197 @@
+"""Every setting of ebtrain as typed dataclasses, one help string per field.
+
+Defaults are the Early-Bird paper's recipe for VGG16 on CIFAR-10. A run's settings resolve as
+defaults < `--config FILE` (YAML, sections named like the dataclasses below) < command-line flags, and
+the resolved config is written to the run directory, so `--config RUN/config.yaml` re-runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "digits", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("cifar10", "dataset name", DATASETS)
+    data_dir: str = _field("data", "where datasets live (for imagefolder: the folder holding train/ and test/)")
+    download: bool = _field(False, "download torchvision datasets that are missing from data_dir")
+    train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)")
+    val_size: int = _field(0, "hold out N training images as a validation split (0: none)")
+    augment: str = _field("auto", "random crop with padding and horizontal flip: auto (on for CIFAR-like "
+                          "colour data), on, off", ("auto", "on", "off"))
+    synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)")
+    image_size: int = _field(32, "synthetic dataset: image side in pixels")
+    num_classes: int = _field(10, "synthetic dataset: number of classes")
+    channels: int = _field(3, "synthetic dataset: image channels")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _field("vgg16", "architecture name (see `ebtrain models`)")
+    width: float = _field(1.0, "channel-width multiplier, e.g. 0.25 for CPU-sized runs")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(160, "total training epochs of the dense schedule")
+    batch_size: int = _field(256, "training batch size")
+    optimizer: str = _field("sgd", "optimizer", ("sgd", "adam"))
+    lr: float = _field(0.1, "initial learning rate")
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(1e-4, "weight decay")
+    milestones: list = _field([0.5, 0.75], "epochs at which the learning rate is multiplied by gamma; "
+                              "values below 1 are fractions of the epochs")
+    gamma: float = _field(0.1, "learning-rate decay factor at each milestone")
+    seed: int = _field(1, "random seed for initialization and data order")
+    device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    compile: bool = _field(False, "compile the model with torch.compile")
+    eval_batch_size: int = _field(1024, "batch size for evaluation")
+
+
+@dataclass
+class SearchConfig:
+    ratios: list = _field([0.3, 0.5, 0.7], "channel pruning ratios to draw Early-Bird tickets for")
+    eps: float = _field(0.1, "mask-distance threshold below which a ticket has emerged")
+    queue_length: int = _field(5, "number of recent mask distances the detector looks at")
+    eb_rule: str = _field("paper", "paper: max of the FIFO queue of consecutive-epoch distances below eps; "
+                          "reference: newest mask within eps of each older mask in the window",
+                          ("paper", "reference"))
+    sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)")
+    max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)")
+    retrain: bool = _field(True, "after the search, prune and retrain every ticket")
+    init: str = _field("eb", "weights the pruned network starts from: eb (the Early-Bird weights), reinit "
+                       "(fresh random weights, full schedule), rewind (kept initial weights)",
+                       ("eb", "reinit", "rewind"))
+    baseline: bool = _field(False, "also train the dense network for the full schedule, for comparison")
+
+
+@dataclass
+class RunConfig:
+    out: str = _field("", "run directory (default: runs/<arch>-<dataset>-<time>)")
+    runs_dir: str = _field("runs", "parent folder of run directories named by default")
+    resume: bool = _field(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _field(False, "allow writing into a run directory that already finished")
+    tensorboard: bool = _field(True, "write TensorBoard event files")
+    progress: str = _field("auto", "progress bars: auto (when output is a terminal), on, off",
+                           ("auto", "on", "off"))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+                             for f in dataclasses.fields(Config)}
+
+
+def fields_of(section: str) -> tuple[dataclasses.Field, ...]:
+    """The fields of one config section, e.g. fields_of("train")."""
+    return dataclasses.fields(SECTIONS[section])
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The Python type of a field's value (its annotation is a string under postponed evaluation)."""
+    return {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
+
+
+def _closest(name: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def coerce(section: str, name: str, value: Any) -> Any:
+    """Check and convert one value for field `section.name`; raises UserError naming what is allowed."""
+    f = next(f for f in fields_of(section) if f.name == name)
+    kind = field_type(f)
+    where = f"{section}.{name}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} = {value!r} is not allowed: expected true or false")
+    if kind is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        try:
+            return [float(v) if not isinstance(v, int) or isinstance(v, bool) else v for v in items]
+        except (TypeError, ValueError):
+            raise UserError(f"{where} = {value!r} is not allowed: expected a list of numbers") from None
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise UserError(f"{where} = {value!r} is not allowed: expected a whole number")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} = {value!r} is not allowed: expected a number")
+        return float(value)
+    value = str(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{where} = {value!r} is not allowed: choose from {', '.join(choices)}"
+                        + _closest(value, choices))
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Return a copy of `cfg` with {section: {field: value}} applied; unknown names raise UserError."""
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section '{section}'{_closest(section, SECTIONS)}: "
+                            f"sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping of settings, got {values!r}")
+        names = [f.name for f in fields_of(section)]
+        for name, value in values.items():
+            if name not in names:
+                raise UserError(f"unknown setting '{section}.{name}'{_closest(name, names)}")
+            setattr(getattr(cfg, section), name, coerce(section, name, value))
+    return cfg
+
+
+def load_yaml(path: str | Path, base: Config | None = None) -> Config:
+    """Read a YAML config file on top of `base` (default: the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return apply_overrides(base or Config(), data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The config as YAML text, readable by `load_yaml`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def resolve_milestones(milestones: list, epochs: int) -> list[int]:
+    """Milestones in epochs: values below 1 are fractions of `epochs` (0.5 of 160 -> 80)."""
+    return sorted(int(round(m * epochs)) if m < 1 else int(m) for m in milestones)

@@ -1,0 +1,402 @@
+"""Early-Bird tickets: channel scores, masks, mask distances and the detector.
+
+Pure functions on tensors plus one small stateful class (`EarlyBird`); nothing here trains. A mask
+covers the channels of every prunable BatchNorm layer, concatenated in layer order, and marks each
+channel kept (True) or pruned (False).
+
+Typical use from a training loop::
+
+    detector = EarlyBird(model, ratios=(0.3, 0.5, 0.7), eps=0.1)
+    detector.step(0)                      # the mask at initialization (optional)
+    for epoch in range(1, epochs + 1):
+        train_one_epoch(model)
+        for ticket in detector.step(epoch):
+            save(ticket)                  # ticket.mask, ticket.epoch, and the model's weights now
+        if detector.done:
+            break
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+RULES = ("paper", "reference")
+
+
+def prunable_bns(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The BatchNorm layers whose channels can be physically removed, as (name, module) pairs.
+
+    Uses `model.prunable_bns()` when the model defines it (ebtrain's models do, e.g. a post-activation
+    ResNet leaves out the BNs that feed the residual sum); otherwise every `nn.BatchNorm2d` in module
+    order, so a user's own model works as long as all of its BNs can be pruned.
+    """
+    if hasattr(model, "prunable_bns"):
+        return list(model.prunable_bns())
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def channel_scores(model: nn.Module) -> list[torch.Tensor]:
+    """|gamma| of every prunable BN layer: detached float32 CPU tensors, one per layer, in order.
+
+    The layers are concatenated on the model's device and copied to the host once, so a GPU run pays
+    one synchronisation per call rather than one per layer.
+    """
+    bns = prunable_bns(model)
+    if not bns:
+        raise ValueError("the model has no prunable BatchNorm2d layers, so there are no channel scores")
+    for name, bn in bns:
+        if bn.weight is None:
+            raise ValueError(f"BatchNorm layer {name!r} has affine=False: no gamma to score channels by")
+    flat = torch.cat([bn.weight.detach().reshape(-1) for _, bn in bns]).abs().float().cpu()
+    return list(flat.split([bn.weight.numel() for _, bn in bns]))
+
+
+@dataclass(frozen=True)
+class ChannelMask:
+    """Which channels of the prunable BN layers survive, for one pruning ratio.
+
+    keep: bool [N], True = kept; the layers' channels concatenated in layer order.
+    sizes: channels per layer; they sum to N.
+    kept_back: how many channels the keep-one-per-layer rule protected that the plain global ranking
+        would have pruned (see `draw_mask`).
+    Two masks compare equal when all three fields are equal.
+    """
+
+    keep: torch.Tensor
+    sizes: tuple[int, ...]
+    kept_back: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keep.dtype != torch.bool or self.keep.dim() != 1:
+            raise ValueError(f"keep must be a 1-D bool tensor, "
+                             f"got {self.keep.dtype} of shape {tuple(self.keep.shape)}")
+        if sum(self.sizes) != self.keep.numel():
+            raise ValueError(f"sizes sum to {sum(self.sizes)} but keep has {self.keep.numel()} channels")
+        if self.kept_back < 0:
+            raise ValueError(f"kept_back must be >= 0, got {self.kept_back}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChannelMask):
+            return NotImplemented
+        return (self.sizes == other.sizes and self.kept_back == other.kept_back
+                and torch.equal(self.keep.cpu(), other.keep.cpu()))
+
+    def __hash__(self) -> int:
+        return hash((self.sizes, self.kept_back, self.num_pruned))
+
+    def per_layer(self) -> list[torch.Tensor]:
+        """The keep vector split into one bool tensor per layer."""
+        return list(self.keep.split(list(self.sizes)))
+
+    def kept_per_layer(self) -> list[int]:
+        """Number of kept channels in each layer."""
+        return [int(layer.sum()) for layer in self.per_layer()]
+
+    @property
+    def num_pruned(self) -> int:
+        """Number of pruned channels over all layers."""
+        return int((~self.keep).sum())
+
+
+def draw_mask(scores: Sequence[torch.Tensor], ratio: float) -> ChannelMask:
+    """Prune the floor(ratio * N) globally smallest channel scores, keeping one channel per layer.
+
+    All N channels are ranked together by (score, layer index, channel index), ascending, so ties
+    (e.g. all gammas 0.5 at initialization) break by position and the pruned count is exact whatever
+    the values. Each layer's highest-ranked channel (its largest score; ties: the highest channel index,
+    the last the ranking would reach) is protected and never pruned; the floor(ratio * N) lowest-ranked
+    unprotected channels are pruned instead, so the count stays exact. `kept_back` counts the
+    protected channels that the plain ranking would have pruned, i.e. the layers it would have emptied. If
+    floor(ratio * N) exceeds the N - num_layers unprotected channels, all of those are pruned and
+    `num_pruned` falls short of floor(ratio * N); the shortfall is among the `kept_back` channels.
+
+    Scores must be finite: NaN or inf gammas mean training diverged and no ranking is meaningful.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
+    if not scores:
+        raise ValueError("no layers to draw a mask from")
+    sizes = tuple(int(s.numel()) for s in scores)
+    if 0 in sizes:
+        raise ValueError(f"every layer needs at least one channel, got sizes {sizes}")
+    flat = torch.cat([s.detach().reshape(-1).cpu() for s in scores]).double()
+    if not torch.isfinite(flat).all():
+        raise ValueError("channel scores contain NaN or inf (did training diverge?)")
+
+    n = flat.numel()
+    num_to_prune = math.floor(ratio * n)
+    # Stable sort over the concatenation: equal scores stay in (layer, channel) order.
+    order = torch.sort(flat, stable=True).indices
+    starts = torch.tensor((0,) + sizes[:-1]).cumsum(0)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    protected = torch.zeros(n, dtype=torch.bool)
+    protected[starts + torch.stack([r.argmax() for r in rank.split(list(sizes))])] = True
+
+    unprotected_order = order[~protected[order]]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[unprotected_order[:num_to_prune]] = False
+    kept_back = int(protected[order[:num_to_prune]].sum())
+    return ChannelMask(keep=keep, sizes=sizes, kept_back=kept_back)
+
+
+def _keep_vector(mask: ChannelMask | torch.Tensor) -> torch.Tensor:
+    if isinstance(mask, ChannelMask):
+        return mask.keep
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"expected a ChannelMask or a bool tensor, got {type(mask).__name__}"
+                         + (f" of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else ""))
+    return mask
+
+
+def mask_distance(a: ChannelMask | torch.Tensor, b: ChannelMask | torch.Tensor) -> float:
+    """Normalized Hamming distance: the fraction of channels on which two masks differ, in [0, 1].
+
+    Accepts ChannelMasks or bool tensors of the same shape; two ChannelMasks must also have the same
+    layer sizes, since masks of differently shaped networks are not comparable.
+    """
+    if isinstance(a, ChannelMask) and isinstance(b, ChannelMask) and a.sizes != b.sizes:
+        raise ValueError(f"masks have different layer sizes: {a.sizes} vs {b.sizes}")
+    ka, kb = _keep_vector(a), _keep_vector(b)
+    if ka.shape != kb.shape:
+        raise ValueError(f"masks have different shapes: {tuple(ka.shape)} vs {tuple(kb.shape)}")
+    if ka.numel() == 0:
+        raise ValueError("cannot measure the distance between empty masks")
+    return int((ka.cpu() != kb.cpu()).sum()) / ka.numel()
+
+
+@dataclass
+class Ticket:
+    """An Early-Bird ticket: the mask for `ratio` drawn at `epoch`, when the detector's rule fired.
+
+    distances: what the rule looked at when it fired. Rule "paper": the FIFO queue of consecutive-epoch
+    mask distances, oldest first. Rule "reference": the distances from the newest mask to each older
+    mask in the window, oldest first.
+    The weights are not part of the ticket: the caller saves the model at the epoch it is returned.
+    """
+
+    ratio: float
+    epoch: int
+    mask: ChannelMask
+    distances: list[float]
+
+
+@dataclass
+class _Track:
+    """Everything the detector remembers for one ratio."""
+
+    ratio: float
+    masks: list[ChannelMask] = field(default_factory=list)
+    queue: list[float] = field(default_factory=list)
+    ticket: Ticket | None = None
+
+
+class EarlyBird:
+    """Early-Bird ticket detector: call `step` once per epoch; it says when each ratio's mask has settled.
+
+    Every call draws one mask per ratio from the current BN gammas and records it. A ratio's ticket
+    emerges once, at the first call where its rule fires; afterwards its masks are still recorded (for
+    `distance_matrix`) but it never emerges again.
+
+    rule "paper" (You et al. 2020): a FIFO queue holds the distances between consecutively recorded
+        masks, at most `queue_length` of them; the ticket emerges when the queue is full and its maximum
+        is below eps. With queue_length 5 that takes at least 6 recorded masks.
+    rule "reference" (the authors' code): a window of the last `queue_length` masks; the ticket emerges
+        when the window is full and the newest mask is within eps (d < eps, strict like the paper rule;
+        the original code tests d <= eps) of each older mask. Takes at least `queue_length` masks.
+
+    Epochs are labels, not counters: `step()` with no argument continues from the previous label + 1
+    (the first call is 0, meant for the initialization). A loop that skips the initialization mask
+    should pass `step(epoch)` explicitly so the labels match training epochs. Labels must increase but
+    may skip: distances are always between consecutively *recorded* masks.
+    """
+
+    def __init__(self, model: nn.Module, ratios: Sequence[float] = (0.3, 0.5, 0.7), eps: float = 0.1,
+                 queue_length: int = 5, rule: str = "paper") -> None:
+        ratios = [float(r) for r in ratios]
+        if not ratios:
+            raise ValueError("ratios is empty: give at least one pruning ratio in (0, 1)")
+        for r in ratios:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"pruning ratio {r} is outside the allowed range (0, 1)")
+        if len(set(ratios)) != len(ratios):
+            raise ValueError(f"ratios contain duplicates: {ratios}; each ratio may appear once")
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps {eps} is outside the allowed range (0, 1)")
+        if isinstance(queue_length, bool) or not isinstance(queue_length, int) or queue_length < 2:
+            raise ValueError(f"queue_length {queue_length!r} is not allowed: it must be an integer >= 2")
+        if rule not in RULES:
+            raise ValueError(f"rule {rule!r} is not allowed: choose one of {', '.join(RULES)}")
+        self.model = model
+        self.ratios = tuple(ratios)
+        self.eps = float(eps)
+        self.queue_length = queue_length
+        self.rule = rule
+        self._epochs: list[int] = []
+        self._tracks = {r: _Track(r) for r in self.ratios}
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def step(self, epoch: int | None = None) -> list[Ticket]:
+        """Draw and record the mask of every ratio now; return the tickets that emerged at this call."""
+        epoch = self._next_epoch(epoch)
+        scores = channel_scores(self.model)
+        masks = {r: draw_mask(scores, r) for r in self.ratios}
+        return self._record(epoch, masks)
+
+    def _next_epoch(self, epoch: int | None) -> int:
+        if epoch is None:
+            return self._epochs[-1] + 1 if self._epochs else 0
+        if self._epochs and epoch <= self._epochs[-1]:
+            raise ValueError(f"epoch {epoch} is not after the last recorded epoch {self._epochs[-1]}; "
+                             "epochs must increase")
+        return int(epoch)
+
+    def _record(self, epoch: int, masks: dict[float, ChannelMask]) -> list[Ticket]:
+        """Append one mask per ratio and apply the rule; shared by `step` and `load_state_dict`."""
+        first = masks[self.ratios[0]]
+        if self._epochs and first.sizes != self._tracks[self.ratios[0]].masks[-1].sizes:
+            raise ValueError(f"the prunable layers changed size since the last step: "
+                             f"{self._tracks[self.ratios[0]].masks[-1].sizes} -> {first.sizes}")
+        self._epochs.append(epoch)
+        emerged = []
+        for r in self.ratios:
+            track = self._tracks[r]
+            track.masks.append(masks[r])
+            if self.rule == "paper":
+                if len(track.masks) >= 2:
+                    newest = mask_distance(track.masks[-2], track.masks[-1])
+                    track.queue = (track.queue + [newest])[-self.queue_length:]
+                full = len(track.queue) == self.queue_length
+            else:
+                window = track.masks[-self.queue_length:]
+                track.queue = [mask_distance(older, window[-1]) for older in window[:-1]]
+                full = len(window) == self.queue_length
+            if track.ticket is None and full and max(track.queue) < self.eps:
+                track.ticket = Ticket(ratio=r, epoch=epoch, mask=masks[r], distances=list(track.queue))
+                emerged.append(track.ticket)
+        return emerged
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _track(self, ratio: float) -> _Track:
+        for r, track in self._tracks.items():
+            if math.isclose(r, ratio, rel_tol=1e-9, abs_tol=1e-12):
+                return track
+        raise ValueError(f"ratio {ratio} is not tracked; this detector tracks {list(self.ratios)}")
+
+    @property
+    def done(self) -> bool:
+        """True once every ratio's ticket has emerged."""
+        return all(t.ticket is not None for t in self._tracks.values())
+
+    @property
+    def emerged(self) -> dict[float, Ticket]:
+        """Tickets found so far, by ratio (a new dict; in the order of `ratios`)."""
+        return {r: t.ticket for r, t in self._tracks.items() if t.ticket is not None}
+
+    @property
+    def pending(self) -> list[float]:
+        """Ratios whose ticket has not emerged yet, in the order of `ratios`."""
+        return [r for r, t in self._tracks.items() if t.ticket is None]
+
+    @property
+    def epochs(self) -> list[int]:
+        """Epoch labels of all recorded masks, in order."""
+        return list(self._epochs)
+
+    def last_distance(self, ratio: float) -> float | None:
+        """Distance between the two most recently recorded masks of `ratio` (None before two exist).
+
+        This is the same quantity under both rules: the curve to plot per epoch.
+        """
+        masks = self._track(ratio).masks
+        return mask_distance(masks[-2], masks[-1]) if len(masks) >= 2 else None
+
+    def queue(self, ratio: float) -> list[float]:
+        """The distances the rule currently looks at (see `Ticket.distances`), oldest first."""
+        return list(self._track(ratio).queue)
+
+    def masks(self, ratio: float) -> list[ChannelMask]:
+        """Every recorded mask of `ratio`, one per entry of `epochs`."""
+        return list(self._track(ratio).masks)
+
+    def distance_matrix(self, ratio: float) -> torch.Tensor:
+        """[E, E] float64 pairwise mask distances over all recorded epochs (symmetric, zero diagonal).
+
+        Entries equal `mask_distance` exactly: Hamming counts are integers computed in float64 via
+        |a| + |b| - 2 a.b, then divided by N.
+        """
+        masks = self._track(ratio).masks
+        if not masks:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        keep = torch.stack([m.keep.cpu() for m in masks]).double()
+        counts = keep.sum(1)
+        hamming = counts[:, None] + counts[None, :] - 2.0 * keep @ keep.T
+        return hamming / keep.shape[1]
+
+    def summary(self) -> dict:
+        """JSON-able overview: the settings and, per ratio (keyed by str(ratio)), the EB epoch or None,
+        the last distance, the current queue's maximum, and kept_back of the ticket's mask (or of the
+        latest mask while the ticket is pending; None before any step)."""
+        ratios = {}
+        for r, track in self._tracks.items():
+            mask = track.ticket.mask if track.ticket else (track.masks[-1] if track.masks else None)
+            ratios[str(r)] = {
+                "eb_epoch": track.ticket.epoch if track.ticket else None,
+                "last_distance": self.last_distance(r),
+                "queue_max": max(track.queue) if track.queue else None,
+                "kept_back": mask.kept_back if mask else None,
+            }
+        return {"rule": self.rule, "eps": self.eps, "queue_length": self.queue_length,
+                "epochs_recorded": len(self._epochs), "ratios": ratios}
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The recorded history as plain tensors, lists and dicts (torch.save-able, weights_only-safe).
+
+        Only the settings, epoch labels and masks are stored; queues and tickets are derived from them.
+        """
+        sizes = list(self._tracks[self.ratios[0]].masks[0].sizes) if self._epochs else []
+        return {
+            "version": 1,
+            "ratios": list(self.ratios),
+            "eps": self.eps,
+            "queue_length": self.queue_length,
+            "rule": self.rule,
+            "epochs": list(self._epochs),
+            "sizes": sizes,
+            "keep": [torch.stack([m.keep.cpu() for m in t.masks]) if t.masks
+                     else torch.zeros(0, 0, dtype=torch.bool) for t in self._tracks.values()],
+            "kept_back": [[m.kept_back for m in t.masks] for t in self._tracks.values()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a history saved by `state_dict`, replacing this detector's.
+
+        The settings must match this detector's (a different eps or rule would have decided differently,
+        so the saved history could not be continued faithfully). Queues and tickets are rebuilt by
+        replaying the saved masks through the same rule, so continuing afterwards makes exactly the
+        decisions an uninterrupted detector would have made.
+        """
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported EarlyBird state version {state.get('version')!r} (expected 1)")
+        saved = {"ratios": tuple(float(r) for r in state["ratios"]), "eps": float(state["eps"]),
+                 "queue_length": int(state["queue_length"]), "rule": state["rule"]}
+        for name, value in saved.items():
+            if value != getattr(self, name):
+                raise ValueError(f"saved detector has {name}={value!r} "
+                                 f"but this one has {getattr(self, name)!r}")
+        self._epochs = []
+        self._tracks = {r: _Track(r) for r in self.ratios}
+        sizes = tuple(int(s) for s in state["sizes"])
+        for i, epoch in enumerate(state["epochs"]):
+            masks = {r: ChannelMask(keep=state["keep"][j][i].clone(), sizes=sizes,
+                                    kept_back=int(state["kept_back"][j][i]))
+                     for j, r in enumerate(self.ratios)}
+            self._record(int(epoch), masks)

@@ -1,0 +1,282 @@
+"""EB-Train as plain functions: search for Early-Bird tickets, prune and retrain each, summarize.
+
+    summary = eb_train(cfg, run_dir)      # the whole job, resumable
+
+Layout of a run directory:
+    config.yaml, summary.json, init.pt (weights at initialization)
+    search/      metrics.jsonl, checkpoint.pt, TensorBoard events, distance_p30.png, ...
+    tickets/     p30.pt (ratio, EB epoch, mask, channels kept, weights at the EB epoch)
+    retrain/p30/ metrics.jsonl, checkpoint.pt, events, model.pt (the trained pruned network), result.json
+    baseline/    the dense network trained for the full schedule (with --baseline)
+Every phase writes result.json when it finishes, so a resumed run skips what is done and continues
+the phase in progress from its checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint
+from .config import Config
+from .data import DataBundle, load_data
+from .earlybird import EarlyBird, Ticket, prunable_bns
+from .errors import UserError
+from .models import build_model, count_params, save_model
+from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
+from .prune import kept_channels, prune_channels
+from .rundir import SUMMARY_FILE
+from .train import Hook, Trainer, resolve_device, seed_everything
+
+RESULT_FILE = "result.json"
+INIT_FILE = "init.pt"
+
+
+def ratio_name(ratio: float) -> str:
+    """0.3 -> 'p30': the name of a ratio's ticket file and retrain folder."""
+    return f"p{ratio * 100:g}"
+
+
+class L1Sparsity(Hook):
+    """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs."""
+
+    def __init__(self, model: nn.Module, strength: float):
+        self.weights = [bn.weight for _, bn in prunable_bns(model)]
+        self.strength = strength
+
+    def after_backward(self, trainer: Trainer) -> None:
+        grads = [w.grad for w in self.weights]
+        torch._foreach_add_(grads, torch._foreach_sign([w.detach() for w in self.weights]), alpha=self.strength)
+
+
+class EarlyBirdHook(Hook):
+    """Runs the detector after every search epoch, saves each ticket as it emerges, stops when all have."""
+
+    def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int):
+        self.detector = detector
+        self.run_dir = run_dir
+        self.max_epochs = max_epochs
+
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        for ticket in self.detector.step(epoch):
+            path = save_ticket(ticket, trainer.model, self.run_dir)
+            print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
+                  file=sys.stderr, flush=True)
+            self.draw(trainer, epoch, ticket.ratio)
+        for ratio in self.detector.ratios:
+            tag = f"eb/{ratio_name(ratio)}"
+            distance = self.detector.last_distance(ratio)
+            queue = self.detector.queue(ratio)
+            values = {}
+            if distance is not None:
+                values[f"{tag}/distance"] = distance
+                metrics[f"eb_{ratio_name(ratio)}_distance"] = distance
+            if queue:
+                values[f"{tag}/queue_max"] = max(queue)
+            trainer.monitor.scalars(epoch, values)
+        trainer.stop = self.should_stop(epoch)
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.detector.done or epoch >= self.max_epochs
+
+    def draw(self, trainer: Trainer, epoch: int, ratio: float) -> None:
+        """The epoch-by-epoch mask-distance matrix, to TensorBoard and as PNG in the search folder."""
+        ticket = self.detector.emerged.get(ratio)
+        fig = distance_matrix_figure(self.detector.distance_matrix(ratio), self.detector.epochs, ratio,
+                                     ticket.epoch if ticket else None)
+        trainer.monitor.figure(f"eb/{ratio_name(ratio)}/distance_matrix", fig, epoch)
+        save_figure(fig, self.run_dir / "search" / f"distance_{ratio_name(ratio)}.png")
+
+    def state_dict(self) -> dict:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(state)
+
+
+# ---- tickets -----------------------------------------------------------------------------------
+def save_ticket(ticket: Ticket, model: nn.Module, run_dir: Path) -> Path:
+    """Write tickets/pNN.pt: ratio, EB epoch, mask per layer, channels kept, and the weights now."""
+    names = [name for name, _ in prunable_bns(model)]
+    path = run_dir / "tickets" / f"{ratio_name(ticket.ratio)}.pt"
+    checkpoint.atomic_save({
+        "kind": "ebtrain-ticket", "ratio": ticket.ratio, "epoch": ticket.epoch, "layers": names,
+        "keep": ticket.mask.per_layer(), "kept_channels": ticket.mask.kept_per_layer(),
+        "dense_channels": list(ticket.mask.sizes), "kept_back": ticket.mask.kept_back,
+        "distances": ticket.distances, "arch": model.arch,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }, path)
+    return path
+
+
+def load_ticket(path: str | Path) -> dict:
+    """Read a ticket file written by the search; a file that is not one raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ticket file '{path}' not found")
+    try:
+        ticket = checkpoint.load(path)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"'{path}' is not a readable ticket file ({type(e).__name__})") from None
+    if not isinstance(ticket, dict) or ticket.get("kind") != "ebtrain-ticket":
+        raise UserError(f"'{path}' is not an ebtrain ticket file (those are written to RUN/tickets/)")
+    return ticket
+
+
+def pruned_from_ticket(ticket: dict) -> tuple[nn.Module, nn.Module]:
+    """(dense network with the EB weights, the physically pruned network with the kept slices)."""
+    dense = build_model(**ticket["arch"])
+    dense.load_state_dict(ticket["state_dict"])
+    return dense, prune_channels(dense, ticket["keep"])
+
+
+# ---- phases ------------------------------------------------------------------------------------
+def _progress(cfg: Config) -> bool:
+    return cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty())
+
+
+def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
+    seed_everything(cfg.train.seed)
+    return build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                       width=cfg.model.width, image_size=data.image_size)
+
+
+def _finished(out_dir: Path) -> dict | None:
+    path = out_dir / RESULT_FILE
+    return checkpoint.load_json(path) if path.exists() else None
+
+
+def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:
+    """Train the dense network with the L1 penalty until every ratio's ticket has emerged."""
+    out_dir = run_dir / "search"
+    done = _finished(out_dir)
+    if done is not None:
+        return done
+    model = _dense_model(cfg, data)
+    if not (run_dir / INIT_FILE).exists():
+        checkpoint.atomic_save(model.state_dict(), run_dir / INIT_FILE)
+    s = cfg.search
+    detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule)
+    max_epochs = s.max_search_epochs or cfg.train.epochs
+    hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
+    eb_hook = EarlyBirdHook(detector, run_dir, max_epochs)
+    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook],
+                      end_epoch=min(max_epochs, cfg.train.epochs), progress=_progress(cfg),
+                      tensorboard=cfg.run.tensorboard, name="search")
+    if trainer.resume():
+        trainer.stop = eb_hook.should_stop(trainer.epoch)  # killed after the last epoch's checkpoint
+    else:
+        detector.step(0)  # the mask at initialization starts the distance matrix
+    result = trainer.fit()
+    for ratio in detector.ratios:
+        eb_hook.draw(trainer, trainer.epoch, ratio)
+    names = [name for name, _ in prunable_bns(model)]
+    kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
+    save_figure(kept_channels_figure(names, [bn.num_features for _, bn in prunable_bns(model)], kept),
+                out_dir / "kept_channels.png")
+    trainer.monitor.close()
+    if detector.pending:
+        last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
+                         for r in detector.pending)
+        print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
+              "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
+    result.update(detector=detector.summary(), pending=detector.pending,
+                  tickets={ratio_name(r): str(Path("tickets") / f"{ratio_name(r)}.pt") for r in detector.emerged})
+    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    return result
+
+
+def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBundle, device: torch.device,
+                   init: str = "eb") -> dict:
+    """Train the pruned network of a ticket through the rest of the schedule.
+
+    init: 'eb' continues from the EB weights at global epoch EB+1 with a fresh optimizer; 'reinit'
+    trains the same pruned architecture from a fresh random initialization for the full schedule;
+    'rewind' resets the kept weights to their values at initialization (RUN/init.pt) and trains the
+    full schedule.
+    """
+    done = _finished(out_dir)
+    if done is not None:
+        return done
+    ticket = load_ticket(ticket_path)
+    dense, pruned = pruned_from_ticket(ticket)
+    start = ticket["epoch"]
+    if init == "reinit":
+        seed_everything(cfg.train.seed)
+        fresh = build_model(**pruned.arch)
+        # fresh weights; PreResNet's channel-selection masks are structure, not weights: keep them
+        fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
+        pruned, start = fresh, 0
+    elif init == "rewind":
+        init_path = Path(ticket_path).parent.parent / INIT_FILE
+        if not init_path.exists():
+            raise UserError(f"--init rewind needs the initial weights '{init_path}' written by the search")
+        dense.load_state_dict(checkpoint.load(init_path))
+        pruned = prune_channels(dense, ticket["keep"])
+        start = 0
+    if start >= cfg.train.epochs:
+        raise UserError(f"the ticket was drawn at epoch {start}, at or past the schedule's {cfg.train.epochs} "
+                        "epochs: nothing is left to retrain")
+    trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, start_epoch=start,
+                      progress=_progress(cfg), tensorboard=cfg.run.tensorboard,
+                      name=f"retrain {ratio_name(ticket['ratio'])} ({init})")
+    trainer.resume()
+    result = trainer.fit()
+    trainer.monitor.close()
+    save_model(trainer.model.cpu(), out_dir / "model.pt", ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
+    result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init,
+                  channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
+                  kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
+                  params_dense=count_params(dense), params_pruned=count_params(pruned))
+    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    return result
+
+
+def train_dense(cfg: Config, out_dir: Path, data: DataBundle, device: torch.device) -> dict:
+    """The dense baseline: the same initialization as the search, no sparsity, the full schedule."""
+    done = _finished(out_dir)
+    if done is not None:
+        return done
+    model = _dense_model(cfg, data)
+    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, progress=_progress(cfg),
+                      tensorboard=cfg.run.tensorboard, name="dense")
+    trainer.resume()
+    result = trainer.fit()
+    trainer.monitor.close()
+    save_model(trainer.model.cpu(), out_dir / "model.pt")
+    result.update(params=count_params(model))
+    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    return result
+
+
+def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
+    """The main job: search, then prune and retrain every ticket, then summary.json."""
+    device = resolve_device(cfg.train.device)
+    data = data or load_data(cfg.data, seed=cfg.train.seed)
+    summary: dict = {"arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
+                     "epochs": cfg.train.epochs, "device": str(device)}
+    search = run_search(cfg, run_dir, data, device)
+    summary["search"] = search
+    summary["tickets"] = {}
+    if cfg.search.retrain:
+        for name, rel in search["tickets"].items():
+            folder = name if cfg.search.init == "eb" else f"{name}-{cfg.search.init}"
+            summary["tickets"][name] = retrain_ticket(cfg, run_dir / rel, run_dir / "retrain" / folder,
+                                                      data, device, cfg.search.init)
+    if cfg.search.baseline:
+        summary["baseline"] = train_dense(cfg, run_dir / "baseline", data, device)
+    checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+    return summary
+
+
+def dense_only(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
+    """`ebtrain train`: the dense network for the full schedule, its result as summary.json."""
+    device = resolve_device(cfg.train.device)
+    data = data or load_data(cfg.data, seed=cfg.train.seed)
+    result = train_dense(cfg, run_dir, data, device)
+    summary = {"arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
+               "epochs": cfg.train.epochs, "device": str(device), "baseline": result}
+    checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+    return summary

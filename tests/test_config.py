@@ -1,0 +1,77 @@
+import pytest
+
+from ebtrain.cli import build_parser, resolve_config
+from ebtrain.config import (Config, SECTIONS, apply_overrides, dump_yaml, fields_of, load_yaml,
+                            resolve_milestones)
+from ebtrain.errors import UserError
+
+
+def parse(argv):
+    return resolve_config(build_parser().parse_args(argv))
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = Config()
+    assert (cfg.model.arch, cfg.data.dataset) == ("vgg16", "cifar10")
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs, t.seed) == \
+        ("sgd", 0.1, 0.9, 1e-4, 256, 160, 1)
+    assert resolve_milestones(t.milestones, t.epochs) == [80, 120]
+    assert cfg.search.ratios == [0.3, 0.5, 0.7] and cfg.search.sparsity == 1e-4
+
+
+def test_every_field_has_help_and_a_flag():
+    parser = build_parser()
+    search = parser._subparsers._group_actions[0].choices["search"]
+    flags = {opt for action in search._actions for opt in action.option_strings}
+    for section in SECTIONS:
+        for f in fields_of(section):
+            assert f.metadata["help"], f"{section}.{f.name} has no help"
+            assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_precedence_defaults_file_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.05\n  epochs: 40\nmodel:\n  width: 0.5\n")
+    cfg = parse(["search", "--config", str(path), "--lr", "0.02", "--ratios", "0.2", "0.4"])
+    assert cfg.train.lr == 0.02            # flag beats file
+    assert cfg.train.epochs == 40          # file beats default
+    assert cfg.model.width == 0.5
+    assert cfg.train.momentum == 0.9       # default stays
+    assert cfg.search.ratios == [0.2, 0.4]
+
+
+def test_bool_flags_and_choices():
+    cfg = parse(["train", "--no-tensorboard", "--download", "--eb-rule", "reference"])
+    assert cfg.run.tensorboard is False and cfg.data.download is True
+    assert cfg.search.eb_rule == "reference"
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(Config(), {"train": {"lr": 0.3, "milestones": [10, 20]}, "search": {"eps": 0.05}})
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_yaml(path) == cfg
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rat: 0.1\n")
+    with pytest.raises(UserError, match="unknown setting 'train.learning_rat'"):
+        load_yaml(path)
+    with pytest.raises(UserError, match="did you mean 'epochs'"):
+        apply_overrides(Config(), {"train": {"epoch": 3}})
+    with pytest.raises(UserError, match="did you mean 'search'"):
+        apply_overrides(Config(), {"serch": {}})
+
+
+def test_wrong_types_are_refused():
+    with pytest.raises(UserError, match="train.epochs"):
+        apply_overrides(Config(), {"train": {"epochs": "many"}})
+    with pytest.raises(UserError, match="choose from"):
+        apply_overrides(Config(), {"search": {"eb_rule": "papr"}})
+
+
+def test_milestone_fractions_and_epochs():
+    assert resolve_milestones([0.5, 0.75], 40) == [20, 30]
+    assert resolve_milestones([30, 10], 40) == [10, 30]

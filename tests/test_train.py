@@ -1,0 +1,64 @@
+import json
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ebtrain.data import load_data
+from ebtrain.models import build_model
+from ebtrain.train import Trainer, learning_rate, seed_everything
+
+from conftest import tiny_config
+
+
+def make_trainer(cfg, out_dir, end_epoch=None, **kwargs):
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                        width=cfg.model.width, image_size=data.image_size)
+    return Trainer(model, data, cfg.train, device=torch.device("cpu"), out_dir=out_dir, end_epoch=end_epoch,
+                   **kwargs)
+
+
+def test_learning_rate_follows_global_milestones(tiny):
+    cfg = tiny.train
+    cfg.epochs, cfg.milestones, cfg.lr = 40, [0.5, 0.75], 0.1
+    assert [learning_rate(cfg, e) for e in (0, 19, 20, 29, 30, 39)] == \
+        [0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1, 0.1 * 0.1 * 0.1, 0.1 * 0.1 * 0.1]
+
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    cfg = tiny_config(tmp_path)
+    trainer = make_trainer(cfg, tmp_path / "out")
+    result = trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert result["final_test_acc"] == lines[-1]["test_acc"]
+    assert lines[-1]["test_acc"] > 0.6          # 4 classes: chance is 0.25
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+
+
+def test_tensorboard_events_parse_with_expected_tags(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    trainer = make_trainer(cfg, tmp_path / "out")
+    trainer.fit()
+    trainer.monitor.close()
+    acc = EventAccumulator(str(tmp_path / "out"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "test/loss", "test/acc", "lr"} <= tags
+    assert [e.step for e in acc.Scalars("test/acc")] == [1, 2]
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    straight = make_trainer(cfg, tmp_path / "straight")
+    straight.fit()
+    # one epoch, then the process "dies" right after its checkpoint; a new trainer resumes
+    make_trainer(cfg, tmp_path / "killed", end_epoch=1).fit()
+    resumed = make_trainer(cfg, tmp_path / "killed")
+    assert resumed.resume() and resumed.epoch == 1
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert straight.optimizer.state_dict()["state"][0]["momentum_buffer"].equal(
+        resumed.optimizer.state_dict()["state"][0]["momentum_buffer"])
