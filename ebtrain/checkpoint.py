@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,39 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """Save a training checkpoint atomically, keeping the one before it as `<name>.prev`.
+
+    If the newest file turns out unreadable (a disk that lied about fsync, a copy cut short), the
+    previous epoch's checkpoint is still there for `load_checkpoint` to fall back on.
+    """
+    path = Path(path)
+    if path.exists():
+        os.replace(path, _previous(path))
+    atomic_save(obj, path)
+
+
+def load_checkpoint(path: str | Path) -> Any | None:
+    """The newest readable checkpoint at `path` (or its `.prev`); None when there is none.
+
+    A corrupt or truncated newest file is reported on stderr and the previous one is used.
+    """
+    path = Path(path)
+    for candidate in (path, _previous(path)):
+        if not candidate.exists():
+            continue
+        try:
+            return load(candidate)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            print(f"ebtrain: checkpoint '{candidate}' is unreadable ({type(e).__name__}); "
+                  "trying the previous one", file=sys.stderr, flush=True)
+    return None
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

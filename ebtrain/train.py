@@ -33,6 +33,9 @@ class Hook:
     def after_backward(self, trainer: "Trainer") -> None:
         """Called after loss.backward(), before the optimizer step (e.g. to edit gradients)."""
 
+    def after_step(self, trainer: "Trainer") -> None:
+        """Called after optimizer.step() (e.g. to round the updated weights and optimizer state)."""
+
     def after_epoch(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         """Called after epoch `epoch` (1-based, global) is trained and evaluated.
         Set `trainer.stop = True` to end training after this epoch."""
@@ -165,17 +168,17 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load `checkpoint.pt` from out_dir if there is one; returns whether it did."""
-        path = self.checkpoint_path
-        if path is None or not path.exists():
+        state = checkpoint.load_checkpoint(self.checkpoint_path) if self.out_dir else None
+        if state is None:
             return False
-        self.load_state_dict(checkpoint.load(path))
+        self.load_state_dict(state)
         self.monitor.purge_from(self.epoch)
         return True
 
     def _save(self) -> None:
         if self.out_dir is None:
             return
-        checkpoint.atomic_save(self.state_dict(), self.checkpoint_path)
+        checkpoint.save_checkpoint(self.state_dict(), self.checkpoint_path)
         # metrics.jsonl is rewritten from the checkpointed history so the two never disagree
         checkpoint.atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history),
                                      self.out_dir / "metrics.jsonl")
@@ -209,6 +212,8 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_backward(self)
             self.optimizer.step()
+            for hook in self.hooks:
+                hook.after_step(self)
             # accumulate on the device: no host synchronization inside the step
             loss_sum += loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()

@@ -62,3 +62,19 @@ def test_resume_gives_identical_weights(tmp_path):
         assert torch.equal(a, b), name
     assert straight.optimizer.state_dict()["state"][0]["momentum_buffer"].equal(
         resumed.optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, train={"epochs": 3})
+    make_trainer(cfg, tmp_path / "run", end_epoch=2).fit()
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    resumed = make_trainer(cfg, tmp_path / "run")
+    assert resumed.resume()
+    assert resumed.epoch == 1  # epoch 2's checkpoint was lost, epoch 1's is used
+    assert "unreadable" in capsys.readouterr().err
+    resumed.fit()
+    straight = make_trainer(cfg, tmp_path / "straight")
+    straight.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
