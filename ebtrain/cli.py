@@ -4,7 +4,8 @@
     ebtrain train [flags]       train the dense network (the baseline)
     ebtrain prune TICKET        write the physically pruned network of a ticket
     ebtrain retrain TICKET      train a ticket's pruned network through the rest of the schedule
-    ebtrain report RUN [RUN..]  one table across runs
+    ebtrain lottery [flags]     lottery-ticket experiment: prune, reset, retrain, with controls
+    ebtrain report RUN [RUN..]  one table across runs: accuracy, FLOPs, savings, seconds
     ebtrain models              the registered architectures
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import __version__
 from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
 from .errors import UserError
 
-COMMANDS = ("search", "train", "prune", "retrain", "report", "models")
+COMMANDS = ("search", "train", "prune", "retrain", "lottery", "report", "models")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="train a ticket's pruned network through the rest of the schedule")
     p.add_argument("ticket", help="a ticket file, RUN/tickets/pNN.pt")
     _add_config_flags(p)
-    p = sub.add_parser("report", help="one table across runs")
+    p = sub.add_parser("lottery", help="lottery-ticket experiment: iterative magnitude pruning with resetting, "
+                       "random-reinit and random-pruning controls, several seeds")
+    _add_config_flags(p)
+    p = sub.add_parser("report", help="one table across runs: accuracy, training FLOPs, savings, seconds")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"))
+    p.add_argument("--plot", metavar="PATH", help="also write test accuracy against training FLOPs as a PNG")
     p = sub.add_parser("models", help="list the registered architectures with parameter counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--num-classes", type=int, default=10)
@@ -110,6 +115,9 @@ def validate(cfg: Config) -> None:
         (cfg.search.queue_length >= 2, f"--queue-length {cfg.search.queue_length}: must be at least 2"),
         (cfg.search.sparsity >= 0, f"--sparsity {cfg.search.sparsity}: must be 0 or more"),
         (cfg.search.max_search_epochs >= 0, f"--max-search-epochs {cfg.search.max_search_epochs}: must be 0 or more"),
+        (2 <= cfg.search.bits <= 24, f"--bits {cfg.search.bits}: must lie between 2 and 24"),
+        (cfg.search.precision == "fp32" or cfg.train.optimizer == "sgd",
+         f"--precision {cfg.search.precision} rounds SGD's momentum: use --optimizer sgd"),
         (cfg.train.epochs > 0, f"--epochs {cfg.train.epochs}: must be positive"),
         (cfg.train.batch_size > 0, f"--batch-size {cfg.train.batch_size}: must be positive"),
         (cfg.train.eval_batch_size > 0, f"--eval-batch-size {cfg.train.eval_batch_size}: must be positive"),
@@ -141,15 +149,21 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{name:14s} {n:>12,d} parameters")
         return
     if args.command == "report":
-        from .report import format_rows, read_summary, summary_rows
-        rows = [row for run in args.runs for row in summary_rows(read_summary(run), Path(run).name)]
+        from .report import format_rows, plot_acc_vs_flops, run_rows
+        rows = [row for run in args.runs for row in run_rows(run)]
         print(format_rows(rows, args.format), end="")
+        if args.plot:
+            plot_acc_vs_flops(args.runs, args.plot)
+            print(f"plot: {args.plot}", file=sys.stderr)
         return
     if args.command == "prune":
         _prune(args)
         return
     if args.command == "retrain":
         _retrain(args)
+        return
+    if args.command == "lottery":
+        _lottery(args)
         return
     cfg = resolve_config(args)
     validate(cfg)
@@ -203,6 +217,24 @@ def _retrain(args: argparse.Namespace) -> None:
                             resolve_device(cfg.train.device), init)
     print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
           f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")
+
+
+def _lottery(args: argparse.Namespace) -> None:
+    from . import lottery
+    from .data import load_data
+    from .rundir import prepare_run_dir
+    from .train import resolve_device
+    cfg = resolve_config(args)
+    validate(cfg)
+    resolve_device(cfg.train.device)
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    lottery.check_config(cfg, data)  # before the run directory: bad settings leave no run behind
+    run_dir = prepare_run_dir(cfg)
+    print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
+    summary = lottery.run_lottery(cfg, run_dir, data)
+    print(lottery.format_table(summary), end="")
+    print(f"results: {run_dir / lottery.LOTTERY_FILE}, plots: {run_dir / 'lottery_accuracy.png'}, "
+          f"{run_dir / 'lottery_early_stop.png'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,11 +76,43 @@ class SearchConfig:
                           ("paper", "reference"))
     sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)")
     max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)")
+    precision: str = _field("fp32", "arithmetic of the search: fp32, or bfp8 (simulated block floating point "
+                            "with stochastic rounding on weights, activations, gradients, errors and momentum; "
+                            "BatchNorm stays fp32); retraining is always fp32", ("fp32", "bfp8"))
+    bits: int = _field(8, "word length of the block floating point numbers with --precision bfp8 (2 to 24)")
     retrain: bool = _field(True, "after the search, prune and retrain every ticket")
     init: str = _field("eb", "weights the pruned network starts from: eb (the Early-Bird weights), reinit "
                        "(fresh random weights, full schedule), rewind (kept initial weights)",
                        ("eb", "reinit", "rewind"))
     baseline: bool = _field(False, "also train the dense network for the full schedule, for comparison")
+
+
+@dataclass
+class LotteryConfig:
+    rounds: int = _field(14, "pruning rounds after the dense training (round 0); 14 rounds at rate 0.2 leave "
+                         "4.4 percent of the weights")
+    rate: float = _field(0.2, "fraction of the remaining weights pruned in each round (with --structured: of "
+                         "the remaining channels; with --global-pruning: of all remaining weights)")
+    conv_rate: float = _field(-1.0, "per-round pruning rate of conv layers (-1: --rate)")
+    fc_rate: float = _field(-1.0, "per-round pruning rate of hidden fully connected layers (-1: --rate)")
+    output_rate: float = _field(-1.0, "per-round pruning rate of the output layer (-1: half the fc rate)")
+    global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold) "
+                                  "instead of pruning each layer at its own rate")
+    one_shot: bool = _field(False, "prune the trained dense network straight to each round's sparsity instead "
+                            "of pruning the previous round's ticket")
+    rewind_iter: int = _field(0, "reset kept weights to their values at this iteration of the dense training "
+                              "(0: the initialization)")
+    iterations: int = _field(50000, "training iterations of every network in every round")
+    eval_every: int = _field(100, "iterations between validation-loss evaluations (early stopping)")
+    seeds: int = _field(1, "independent runs, seeds train.seed, train.seed + 1, ...")
+    reinit: bool = _field(True, "control: the ticket's mask with fresh random weights")
+    random_prune: bool = _field(True, "control: a random mask with the ticket's per-layer sparsity")
+    structured: bool = _field(False, "prune channels by BatchNorm weight (Early-Bird masks) instead of single "
+                              "weights")
+    eb_ticket: str = _field("", "with --structured: an Early-Bird ticket (RUN/tickets/pNN.pt, same arch and "
+                            "seed) whose channel mask each round's ticket is compared with")
+    batched: bool = _field(True, "train the arms and seeds of a round as one batched model (architectures "
+                           "without BatchNorm)")
 
 
 @dataclass
@@ -100,6 +132,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    lottery: LotteryConfig = field(default_factory=LotteryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

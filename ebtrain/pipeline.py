@@ -10,6 +10,9 @@ Layout of a run directory:
     baseline/    the dense network trained for the full schedule (with --baseline)
 Every phase writes result.json when it finishes, so a resumed run skips what is done and continues
 the phase in progress from its checkpoint.
+Every phase's result.json holds its cost (FLOPs, seconds; see flops.py), summary.json the run's
+(`cost`: search, each ticket, the dense baseline, savings), and each phase folder a TensorBoard run
+`flops/` with test accuracy against cumulative training FLOPs.
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ from .config import Config
 from .data import DataBundle, load_data
 from .earlybird import EarlyBird, Ticket, prunable_bns
 from .errors import UserError
+from .flops import CostMeter, detector_ops, measure_cost, run_cost, search_total
 from .models import build_model, count_params, save_model
 from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
 from .prune import kept_channels, prune_channels
+from .quant import BFPTraining
 from .rundir import SUMMARY_FILE
 from .train import Hook, Trainer, resolve_device, seed_everything
 
@@ -148,6 +153,17 @@ def _finished(out_dir: Path) -> dict | None:
     return checkpoint.load_json(path) if path.exists() else None
 
 
+def _cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
+    """Measures the model's FLOPs at the training batch size and meters them through a phase."""
+    return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
+
+
+def _search_flops(ticket_path: Path) -> float:
+    """What the search that drew the ticket spent, where a retrain's cumulative FLOPs start (0 if unknown)."""
+    search = _finished(Path(ticket_path).parent.parent / "search")
+    return search_total(search["cost"])["flops"] if search and "cost" in search else 0
+
+
 def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:
     """Train the dense network with the L1 penalty until every ratio's ticket has emerged."""
     out_dir = run_dir / "search"
@@ -160,9 +176,12 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     s = cfg.search
     detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule)
     max_epochs = s.max_search_epochs or cfg.train.epochs
+    meter = _cost_meter(model, cfg, data)  # before BFP hooks attach: FLOPs are counted at full precision
     hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
+    if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
+        hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
     eb_hook = EarlyBirdHook(detector, run_dir, max_epochs)
-    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook],
+    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook, meter],
                       end_epoch=min(max_epochs, cfg.train.epochs), progress=_progress(cfg),
                       tensorboard=cfg.run.tensorboard, name="search")
     if trainer.resume():
@@ -173,16 +192,21 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     for ratio in detector.ratios:
         eb_hook.draw(trainer, trainer.epoch, ratio)
     names = [name for name, _ in prunable_bns(model)]
+    channels = [bn.num_features for _, bn in prunable_bns(model)]
     kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
-    save_figure(kept_channels_figure(names, [bn.num_features for _, bn in prunable_bns(model)], kept),
-                out_dir / "kept_channels.png")
+    save_figure(kept_channels_figure(names, channels, kept), out_dir / "kept_channels.png")
     trainer.monitor.close()
+    cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.ratios),
+                                                                  len(detector.epochs)),
+            # a bfp search's multiply-adds are 8-bit (or --bits) operations, not fp32 ones
+            "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
     if detector.pending:
         last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
                          for r in detector.pending)
         print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
               "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
-    result.update(detector=detector.summary(), pending=detector.pending,
+    result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
+    result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
                   tickets={ratio_name(r): str(Path("tickets") / f"{ratio_name(r)}.pt") for r in detector.emerged})
     checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
     return result
@@ -219,14 +243,16 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     if start >= cfg.train.epochs:
         raise UserError(f"the ticket was drawn at epoch {start}, at or past the schedule's {cfg.train.epochs} "
                         "epochs: nothing is left to retrain")
-    trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, start_epoch=start,
+    meter = _cost_meter(pruned, cfg, data, _search_flops(ticket_path))
+    trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter], start_epoch=start,
                       progress=_progress(cfg), tensorboard=cfg.run.tensorboard,
                       name=f"retrain {ratio_name(ticket['ratio'])} ({init})")
     trainer.resume()
     result = trainer.fit()
     trainer.monitor.close()
+    result.update(cost=meter.finish(trainer))
     save_model(trainer.model.cpu(), out_dir / "model.pt", ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
-    result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init,
+    result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
                   params_dense=count_params(dense), params_pruned=count_params(pruned))
@@ -240,13 +266,15 @@ def train_dense(cfg: Config, out_dir: Path, data: DataBundle, device: torch.devi
     if done is not None:
         return done
     model = _dense_model(cfg, data)
-    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, progress=_progress(cfg),
-                      tensorboard=cfg.run.tensorboard, name="dense")
+    meter = _cost_meter(model, cfg, data)
+    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter],
+                      progress=_progress(cfg), tensorboard=cfg.run.tensorboard, name="dense")
     trainer.resume()
     result = trainer.fit()
     trainer.monitor.close()
+    result.update(cost=meter.finish(trainer))
     save_model(trainer.model.cpu(), out_dir / "model.pt")
-    result.update(params=count_params(model))
+    result.update(params=count_params(model), precision="fp32")
     checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
     return result
 
@@ -267,6 +295,9 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
                                                       data, device, cfg.search.init)
     if cfg.search.baseline:
         summary["baseline"] = train_dense(cfg, run_dir / "baseline", data, device)
+    summary["cost"] = run_cost(search["cost"], {name: t["cost"] for name, t in summary["tickets"].items()},
+                               summary.get("baseline", {}).get("cost"), cfg.train.epochs)
+    summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")
     checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
     return summary
 

@@ -1,63 +1,142 @@
-"""Tables from run summaries: one row per method and ratio, as text, markdown, CSV or JSON."""
+"""Tables and a plot across runs: one row per method and ratio, as text, markdown, CSV or JSON.
+
+Rows come from a run's summary.json plus every retrain found on disk (RUN/retrain/*/result.json), so a
+ticket retrained later with `ebtrain retrain --init reinit` gets its row too. Columns:
+
+    run            the run directory's name
+    method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind
+    ratio          the channel pruning ratio of the ticket
+    eb_epoch       the epoch at which the ticket emerged
+    channels       prunable channels kept / in the dense network
+    params         parameters of the trained network
+    final_acc      test accuracy after the last epoch, in %; best_acc the best epoch's
+    search_epochs  epochs of the dense search; train_epochs epochs of this row's own training
+    train_flops    training FLOPs the method spent: the baseline's full schedule, or for a ticket the
+                   whole search plus its retrain (measured forward + backward, see flops.py); text and
+                   markdown show it in one unit for the table (train_GFLOPs, train_PFLOPs, ...),
+                   CSV and JSON as a plain count
+    savings        dense baseline FLOPs / this row's FLOPs; savings_paper the same with training
+                   counted as 3 x forward, the paper's convention
+    seconds        wall-clock training seconds (search plus retrain for a ticket)
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from . import checkpoint
 from .errors import UserError
+from .flops import baseline_cost, ticket_cost
+from .monitor import save_figure  # first: it sets matplotlib's file-only backend
 from .rundir import SUMMARY_FILE
 
+import matplotlib.pyplot as plt
+
 COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
-           "search_epochs", "train_epochs", "seconds")
+           "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds")
 FORMATS = ("text", "markdown", "csv", "json")
+METHODS = {"eb": "EB-Train", "reinit": "EB re-init", "rewind": "EB rewind"}
+FLOP_UNITS = (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6))
 
 
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 2)
 
 
-def summary_rows(summary: dict, run: str = "") -> list[dict]:
-    """Rows of one run's summary.json: the dense baseline (if trained) and every retrained ticket."""
-    rows = []
+def _row(run: str, method: str, result: dict, **fields) -> dict:
+    """A row with the columns every method has filled from a phase's `result`, the rest from `fields`."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(run=run, method=method, final_acc=_pct(result["final_test_acc"]),
+               best_acc=_pct(result["best_test_acc"]), train_epochs=result["epochs_trained"],
+               seconds=round(result["seconds"], 1))
+    row.update(fields)
+    return row
+
+
+def _costs(flops: dict | None) -> dict:
+    """The cost columns of a row from a `ticket_cost`-like dict (empty when the run recorded none)."""
+    if flops is None:
+        return {}
+    return {"train_flops": flops["flops"], "savings": round(flops["savings"], 3),
+            "savings_paper": round(flops["savings_paper"], 3)}
+
+
+def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) -> list[dict]:
+    """Rows of one run: the dense baseline (if trained), then every retrained ticket of the summary and
+    of `retrains` (results of retrain phases; one per method and ratio), EB-Train first, by ratio."""
     search = summary.get("search", {})
-    if "baseline" in summary:
-        b = summary["baseline"]
-        rows.append({"run": run, "method": "dense", "ratio": "", "eb_epoch": "", "channels": "",
-                     "params": b.get("params", ""), "final_acc": _pct(b["final_test_acc"]),
-                     "best_acc": _pct(b["best_test_acc"]), "search_epochs": "",
-                     "train_epochs": b["epochs_trained"], "seconds": round(b["seconds"], 1)})
-    for t in summary.get("tickets", {}).values():
-        method = "EB-Train" if t["init"] == "eb" else f"EB {t['init']}"
-        rows.append({"run": run, "method": method, "ratio": t["ratio"], "eb_epoch": t["eb_epoch"],
-                     "channels": f"{t['channels_kept']}/{t['channels_total']}",
-                     "params": t["params_pruned"], "final_acc": _pct(t["final_test_acc"]),
-                     "best_acc": _pct(t["best_test_acc"]), "search_epochs": search.get("epochs_trained", ""),
-                     "train_epochs": t["epochs_trained"],
-                     "seconds": round(search.get("seconds", 0.0) + t["seconds"], 1)})
+    search_cost = search.get("cost")
+    trained = summary.get("baseline")
+    dense_cost = trained.get("cost") if trained else None
+    dense = baseline_cost(search_cost, dense_cost, summary["epochs"]) if search_cost or dense_cost else None
+    rows = []
+    if trained is not None:
+        full = dense and {"flops": dense["flops"], "savings": 1.0, "savings_paper": 1.0}
+        rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
+    tickets = {(t["init"], t["ratio"]): t for t in [*summary.get("tickets", {}).values(), *retrains]}
+    for (init, ratio), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
+        spent = ticket_cost(search_cost, t["cost"], dense) if search_cost and "cost" in t else None
+        row = _row(run, METHODS.get(init, f"EB {init}"), t, ratio=ratio, eb_epoch=t["eb_epoch"],
+                   channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
+                   search_epochs=search.get("epochs_trained"),
+                   seconds=round(search.get("seconds", 0.0) + t["seconds"], 1), **_costs(spent))
+        rows.append(row)
     return rows
 
 
+def run_rows(run_dir: str | Path) -> list[dict]:
+    """Rows of a run directory: its summary.json plus every retrain result on disk."""
+    run_dir = Path(run_dir)
+    from .lottery import LOTTERY_FILE, lottery_rows  # here: lottery.py imports this module
+    if (run_dir / LOTTERY_FILE).is_file():
+        return lottery_rows(run_dir)
+    retrains = [checkpoint.load_json(p) for p in sorted((run_dir / "retrain").glob("*/result.json"))]
+    return summary_rows(read_summary(run_dir), run_dir.resolve().name, retrains)
+
+
+def flop_unit(flops: float) -> tuple[str, float]:
+    """The largest of PFLOPs .. MFLOPs in which `flops` is at least 1 (MFLOPs below that)."""
+    return next(((name, scale) for name, scale in FLOP_UNITS if flops >= scale), FLOP_UNITS[-1])
+
+
+def _cell(column: str, value, scale: float) -> str:
+    if value is None:
+        return ""
+    if column == "train_flops":
+        return f"{value / scale:.2f}"
+    if column in ("savings", "savings_paper"):
+        return f"{value:.2f}x"
+    if column in ("final_acc", "best_acc"):
+        return f"{value:.2f}"
+    if column == "ratio":
+        return f"{value:g}"
+    return str(value)
+
+
 def format_rows(rows: list[dict], fmt: str = "text") -> str:
-    """Render rows in one of FORMATS."""
+    """Render rows in one of FORMATS: CSV and JSON as plain values (FLOPs as a count), text and
+    markdown for reading (FLOPs in one unit for the whole table, named in the header)."""
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    cells = [list(COLUMNS)] + [[str(r[c]) for c in COLUMNS] for r in rows]
+    if fmt not in FORMATS:
+        raise UserError(f"report format '{fmt}' is not known: choose from {', '.join(FORMATS)}")
+    unit, scale = flop_unit(max((r["train_flops"] or 0 for r in rows), default=0))
+    header = [f"train_{unit}" if c == "train_flops" else c for c in COLUMNS]
+    cells = [header] + [[_cell(c, r[c], scale) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     if fmt == "markdown":
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
         return "\n".join(lines) + "\n"
-    if fmt != "text":
-        raise UserError(f"report format '{fmt}' is not known: choose from {', '.join(FORMATS)}")
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells) + "\n"
 
 
@@ -67,3 +146,44 @@ def read_summary(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"'{run_dir}' holds no {SUMMARY_FILE}: is it a finished ebtrain run?")
     return checkpoint.load_json(path)
+
+
+# ---- accuracy against training FLOPs -----------------------------------------------------------------
+def _phases(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of every training phase of a run that wrote metrics: a `train` run is one
+    dense phase in the run folder itself; an EB-Train run has search/, retrain/*/ and baseline/."""
+    candidates = [("dense", run_dir), ("search", run_dir / "search"),
+                  *((f"retrain {d.name}", d) for d in sorted((run_dir / "retrain").glob("*"))),
+                  ("dense", run_dir / "baseline")]
+    return [(label, folder) for label, folder in candidates if (folder / "metrics.jsonl").is_file()]
+
+
+def acc_vs_flops(run_dir: str | Path) -> list[tuple[str, list[float], list[float]]]:
+    """(phase label, cumulative training FLOPs, test accuracy) per epoch of every phase of a run.
+
+    A retrain's FLOPs start at its search's total, so the curves of one run join up."""
+    curves = []
+    for label, folder in _phases(Path(run_dir)):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        epochs = [m for m in map(json.loads, filter(None, lines)) if "cumulative_flops" in m]
+        if epochs:
+            curves.append((label, [m["cumulative_flops"] for m in epochs], [m["test_acc"] for m in epochs]))
+    return curves
+
+
+def plot_acc_vs_flops(run_dirs: Sequence[str | Path], path: str | Path) -> None:
+    """A PNG of test accuracy against cumulative training FLOPs, one line per phase of every run."""
+    curves = [(f"{Path(run).resolve().name}: {label}", flops, accs)
+              for run in run_dirs for label, flops, accs in acc_vs_flops(run)]
+    if not curves:
+        raise UserError("no run holds per-epoch FLOPs (metrics.jsonl with cumulative_flops) to plot")
+    unit, scale = flop_unit(max(max(flops) for _, flops, _ in curves))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, flops, accs in curves:
+        ax.plot([f / scale for f in flops], [100 * a for a in accs], marker=".", label=label)
+    ax.set_xlabel(f"cumulative training {unit} (measured forward + backward)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, Path(path))

@@ -1,0 +1,117 @@
+"""Iterations per second of lottery-ticket training: K networks trained together as one batched model
+(the path `ebtrain lottery` takes for the arms and seeds of a round), against one network alone.
+
+    python scripts/bench_lottery.py --out bench_lottery.json [--arch lenet300_100] [--models 1 9]
+
+Times `ebtrain.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
+with its own mask (20 percent of the weights kept) and data; and, as the plain baseline, one nn.Module
+stepped by the Trainer's optimizer (`ebtrain.train.make_optimizer`) with its gradients masked. Writes
+the numbers with the hardware, versions and machine load they were measured under.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ebtrain.config import TrainConfig
+from ebtrain.models import build_model
+from ebtrain.population import Member, Population, make_optimizer, train_step
+from ebtrain.prune import prunable_weights
+from ebtrain.train import make_optimizer as module_optimizer
+
+CFG = TrainConfig(optimizer="adam", lr=1.2e-3, weight_decay=0.0, batch_size=60)
+
+
+def _rates(step: Callable[[], None], iterations: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(iterations per wall-clock second, per CPU second of this process)."""
+    for i in range(warmup + iterations):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, cpu = time.perf_counter(), time.process_time()
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return iterations / (time.perf_counter() - started), iterations / (time.process_time() - cpu)
+
+
+def _network(arch: str, image: tuple[int, int, int]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = build_model(arch, in_channels=image[0], image_size=image[1])
+    return model, {n: torch.rand(model.state_dict()[n].shape) < 0.2 for n in prunable_weights(model)}
+
+
+def population_rates(arch: str, k: int, image: tuple[int, int, int], device: torch.device,
+                     **timing: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    members = [Member(seed, "ticket", model.state_dict(), masks)
+               for seed, (model, masks) in enumerate(_network(arch, image) for _ in range(k))]
+    pop = Population(build_model(arch, in_channels=image[0], image_size=image[1]), members, device)
+    optimizer = make_optimizer(list(pop.params.values()), CFG)
+    x = torch.randn(k, CFG.batch_size, *image, device=device)
+    y = torch.randint(10, (k, CFG.batch_size), device=device)
+    return _rates(lambda: train_step(pop, optimizer, x, y), device=device, **timing)
+
+
+def plain_rates(arch: str, image: tuple[int, int, int], device: torch.device, **timing: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model, masks = _network(arch, image)
+    model.to(device)
+    weights = [(p, masks[n].to(device, p.dtype)) for n, p in model.named_parameters() if n in masks]
+    optimizer = module_optimizer(model, CFG, device)
+    x = torch.randn(CFG.batch_size, *image, device=device)
+    y = torch.randint(10, (CFG.batch_size,), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        for p, mask in weights:
+            p.grad.mul_(mask)
+        optimizer.step()
+
+    return _rates(step, device=device, **timing)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="lenet300_100")
+    parser.add_argument("--models", type=int, nargs="+", default=[1, 9])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench_lottery.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    image = (1, 28, 28) if args.arch == "lenet300_100" else (3, 32, 32)
+    timing = dict(iterations=args.iterations, warmup=args.warmup)
+    plain = plain_rates(args.arch, image, device, **timing)
+    rows = [{"setup": "plain nn.Module + ebtrain.train.make_optimizer", "models": 1, "rates": plain}]
+    rows += [{"setup": "ebtrain.population (batched)" if k > 1 else "ebtrain.population (one network)",
+              "models": k, "rates": population_rates(args.arch, k, image, device, **timing)} for k in args.models]
+    results = [{"setup": row["setup"], "models": row["models"], "iterations_per_second": round(row["rates"][0], 2),
+                "network_steps_per_second": round(row["models"] * row["rates"][0], 2),
+                "iterations_per_cpu_second": round(row["rates"][1], 2),  # the work itself, whatever the load
+                "speedup_vs_plain": round(row["models"] * row["rates"][0] / plain[0], 2)} for row in rows]
+    result = {
+        "arch": args.arch, "batch_size": CFG.batch_size, "optimizer": CFG.optimizer,
+        "iterations_timed": args.iterations, "results": results,
+        "device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    for row in results:
+        print(row)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
