@@ -134,9 +134,9 @@ def validate(cfg: Config) -> None:
             raise UserError(message)
 
 
-def _print_table(summary: dict) -> None:
-    from .report import format_rows, summary_rows
-    rows = summary_rows(summary)
+def _print_table(run_dir: Path) -> None:
+    from .report import format_rows, run_rows
+    rows = run_rows(run_dir)
     if rows:
         print(format_rows(rows), end="")
 
@@ -176,8 +176,14 @@ def _run(args: argparse.Namespace) -> None:
     run_dir = prepare_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     job = pipeline.dense_only if args.command == "train" else pipeline.eb_train
-    summary = job(cfg, run_dir, data)
-    _print_table(summary)
+    try:
+        job(cfg, run_dir, data)
+    except KeyboardInterrupt:
+        # every file is written atomically, so what is on disk is the last finished epoch
+        print(f"ebtrain: interrupted; continue with: python -m ebtrain {args.command} --resume --out {run_dir}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    _print_table(run_dir)
     print(f"summary: {run_dir / 'summary.json'}", file=sys.stderr)
 
 

@@ -100,3 +100,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((run / "summary.json").read_text())["baseline"]["final_test_acc"] == \
         json.loads((tmp_path / "a" / "summary.json").read_text())["baseline"]["final_test_acc"]
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ebtrain", "train", *TINY_FLAGS, "--synthetic-size", "2048", "--epochs", "5",
+           "--no-tensorboard", "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"python -m ebtrain train --resume --out {run}" in err and "Traceback" not in err
+    resumed = run_cli("train", "--resume", "--out", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["baseline"]["last_epoch"] == 5
