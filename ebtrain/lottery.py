@@ -336,7 +336,8 @@ def summarize(cfg: Config, pruning: WeightPruning | ChannelPruning, results: lis
                 for arm, runs in _by_arm(result["records"]).items()}
         rounds.append({"round": result["round"], "remaining": result["remaining"], "layers": result["layers"],
                        "seconds": result["seconds"], "arms": arms})
-    return {"kind": "lottery", "arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
+    return {"kind": "lottery", "arch": cfg.model.arch, "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir,
+            "width": cfg.model.width,
             "device": str(device), "seeds": [cfg.train.seed + i for i in range(L.seeds)],
             "iterations": L.iterations, "eval_every": L.eval_every, "optimizer": cfg.train.optimizer,
             "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "structured": L.structured,
@@ -462,7 +463,8 @@ def lottery_figure(summary: dict, metrics: dict[str, str], scale: float = 1.0) -
         ax.grid(alpha=0.3)
         ax.legend()
     seeds = len(summary["seeds"])
-    fig.suptitle(f"{summary['arch']} on {summary['dataset']}: {'one-shot' if summary['one_shot'] else 'iterative'} "
+    data = Path(summary["data_dir"]).name if summary["dataset"] == "imagefolder" else summary["dataset"]
+    fig.suptitle(f"{summary['arch']} on {data}: {'one-shot' if summary['one_shot'] else 'iterative'} "
                  f"pruning, {seeds} seed{'s' * (seeds > 1)}, {summary['iterations']} iterations")
     fig.tight_layout()
     return fig
