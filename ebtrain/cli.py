@@ -6,6 +6,7 @@
     ebtrain retrain TICKET      train a ticket's pruned network through the rest of the schedule
     ebtrain lottery [flags]     lottery-ticket experiment: prune, reset, retrain, with controls
     ebtrain report RUN [RUN..]  one table across runs: accuracy, FLOPs, savings, seconds
+    ebtrain report A B --tickets  how far the tickets of two runs agree, channel by channel
     ebtrain models              the registered architectures
 """
 from __future__ import annotations
@@ -13,12 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from . import __version__
+import torch
+
+from . import __version__, distributed
 from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
 from .errors import UserError
+from .validate import check_model, check_ticket_fits, check_ticket_names, validate
 
 COMMANDS = ("search", "train", "prune", "retrain", "lottery", "report", "models")
+DISTRIBUTED_COMMANDS = ("search", "train", "retrain")  # the ones that run under torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"))
     p.add_argument("--plot", metavar="PATH", help="also write test accuracy against training FLOPs as a PNG")
+    p.add_argument("--tickets", action="store_true",
+                   help="instead, compare the tickets of two runs: channels on which their masks agree, per ratio")
     p = sub.add_parser("models", help="list the registered architectures with parameter counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--num-classes", type=int, default=10)
@@ -94,44 +102,28 @@ def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Conf
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
     if overrides.get("run", {}).get("resume"):
-        from .rundir import config_for_resume
-        out = overrides["run"].get("out")
-        if not out:
-            raise UserError("--resume needs --out RUN_DIR: the run to continue")
-        return config_for_resume(out)
+        return _config_to_resume(args, overrides)
     cfg = load_yaml(args.config, base) if args.config else (base or Config())
     return apply_overrides(cfg, overrides)
 
 
-def validate(cfg: Config) -> None:
-    """Check settings before any work starts; raises UserError naming the bad value."""
-    from .models import list_models
-    if cfg.model.arch not in list_models():
-        from .models import build_model
-        build_model(cfg.model.arch)  # raises the registry's own "unknown arch" message
-    checks = [
-        (all(0 < r < 1 for r in cfg.search.ratios), f"--ratios {cfg.search.ratios}: each must lie in (0, 1)"),
-        (0 < cfg.search.eps < 1, f"--eps {cfg.search.eps}: must lie in (0, 1)"),
-        (cfg.search.queue_length >= 2, f"--queue-length {cfg.search.queue_length}: must be at least 2"),
-        (cfg.search.sparsity >= 0, f"--sparsity {cfg.search.sparsity}: must be 0 or more"),
-        (cfg.search.max_search_epochs >= 0, f"--max-search-epochs {cfg.search.max_search_epochs}: must be 0 or more"),
-        (2 <= cfg.search.bits <= 24, f"--bits {cfg.search.bits}: must lie between 2 and 24"),
-        (cfg.search.precision == "fp32" or cfg.train.optimizer == "sgd",
-         f"--precision {cfg.search.precision} rounds SGD's momentum: use --optimizer sgd"),
-        (cfg.train.epochs > 0, f"--epochs {cfg.train.epochs}: must be positive"),
-        (cfg.train.batch_size > 0, f"--batch-size {cfg.train.batch_size}: must be positive"),
-        (cfg.train.eval_batch_size > 0, f"--eval-batch-size {cfg.train.eval_batch_size}: must be positive"),
-        (cfg.train.lr > 0, f"--lr {cfg.train.lr}: must be positive"),
-        (cfg.model.width > 0, f"--width {cfg.model.width}: must be positive"),
-        (all(0 < m < cfg.train.epochs for m in cfg.train.milestones),
-         f"--milestones {cfg.train.milestones}: each must be a fraction in (0, 1) or an epoch inside the "
-         f"{cfg.train.epochs}-epoch schedule"),
-        (cfg.data.train_subset >= 0, f"--train-subset {cfg.data.train_subset}: must be 0 (all) or positive"),
-        (cfg.data.val_size >= 0, f"--val-size {cfg.data.val_size}: must be 0 (none) or positive"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+# What a resumed run may change: where it runs and how it reports, nothing its results depend on.
+RESUME_MAY_SET = {"run.out", "run.resume", "run.progress", "run.tensorboard", "train.device", "train.eval_batch_size"}
+
+
+def _config_to_resume(args: argparse.Namespace, overrides: dict[str, dict]) -> Config:
+    """The saved config of the run in --out, with the flags that RESUME_MAY_SET; any other flag is refused."""
+    from .rundir import CONFIG_FILE, config_for_resume
+    out = overrides["run"].get("out")
+    if not out:
+        raise UserError("--resume needs --out RUN_DIR: the run to continue")
+    given = [f"{section}.{name}" for section, values in overrides.items() for name in values]
+    refused = (["--config"] if args.config else []) + [_flag(key.split(".")[1]) for key in given
+                                                       if key not in RESUME_MAY_SET]
+    if refused:
+        raise UserError(f"--resume continues '{out}' with the settings it started with ({Path(out) / CONFIG_FILE}): "
+                        f"drop {', '.join(refused)}, or start a new run (--overwrite replaces this one)")
+    return apply_overrides(config_for_resume(out), overrides)  # only settings of RESUME_MAY_SET are left
 
 
 def _print_table(run_dir: Path) -> None:
@@ -149,7 +141,12 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{name:14s} {n:>12,d} parameters")
         return
     if args.command == "report":
-        from .report import format_rows, plot_acc_vs_flops, run_rows
+        from .report import format_agreement, format_rows, plot_acc_vs_flops, run_rows, ticket_agreement_rows
+        if args.tickets:
+            if len(args.runs) != 2:
+                raise UserError(f"report --tickets compares two runs, got {len(args.runs)}")
+            print(format_agreement(ticket_agreement_rows(*args.runs), *args.runs), end="")
+            return
         rows = [row for run in args.runs for row in run_rows(run)]
         print(format_rows(rows, args.format), end="")
         if args.plot:
@@ -171,20 +168,30 @@ def _run(args: argparse.Namespace) -> None:
     from .data import load_data
     from .rundir import prepare_run_dir
     from .train import resolve_device
+    if args.command == "search":
+        check_ticket_names([pipeline.ratio_name(r) for r in cfg.search.ratios], cfg.search.ratios)
     resolve_device(cfg.train.device)
-    data = load_data(cfg.data, seed=cfg.train.seed)  # before the run directory: bad data leaves no run behind
+    with distributed.main_first():  # rank 0 builds a dataset's cache before the others read it
+        data = load_data(cfg.data, seed=cfg.train.seed)  # before the run directory: bad data leaves no run behind
+    check_model(cfg, data, early_bird=args.command == "search")
     run_dir = prepare_run_dir(cfg)
-    print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     job = pipeline.dense_only if args.command == "train" else pipeline.eb_train
     try:
         job(cfg, run_dir, data)
     except KeyboardInterrupt:
-        # every file is written atomically, so what is on disk is the last finished epoch
-        print(f"ebtrain: interrupted; continue with: python -m ebtrain {args.command} --resume --out {run_dir}",
-              file=sys.stderr)
-        raise SystemExit(130) from None
-    _print_table(run_dir)
-    print(f"summary: {run_dir / 'summary.json'}", file=sys.stderr)
+        _interrupted(f"python -m ebtrain {args.command} --resume --out {run_dir}")
+    if distributed.is_main():
+        _print_table(run_dir)
+        print(f"summary: {run_dir / 'summary.json'}", file=sys.stderr)
+
+
+def _interrupted(how_to_continue: str) -> NoReturn:
+    """Ctrl-C: the file being written was finished first (checkpoint.finishing_before_interrupt), so what
+    is on disk is the last finished epoch; say how to go on and exit with 130, as shells do for SIGINT."""
+    print(f"ebtrain: interrupted; continue with: {how_to_continue}", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -192,7 +199,10 @@ def _prune(args: argparse.Namespace) -> None:
     from .pipeline import load_ticket, pruned_from_ticket, ratio_name
     ticket = load_ticket(args.ticket)
     dense, pruned = pruned_from_ticket(ticket)
-    out = Path(args.output) if args.output else Path(args.ticket).with_name(f"{ratio_name(ticket['ratio'])}-pruned.pt")
+    file_name = f"{ratio_name(ticket['ratio'])}-pruned.pt"
+    out = Path(args.output) if args.output else Path(args.ticket).with_name(file_name)
+    if out.is_dir():
+        raise UserError(f"--output {out}: is a folder; name the file to write, e.g. {out / file_name}")
     save_model(pruned, out, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     print(f"ticket p = {ticket['ratio']:g} drawn at epoch {ticket['epoch']}")
     print(f"{'layer':32s} {'dense':>6s} {'kept':>6s}")
@@ -211,18 +221,26 @@ def _retrain(args: argparse.Namespace) -> None:
     ticket = load_ticket(args.ticket)
     # the ticket's own run settings (data, schedule) are the base, so a bare `retrain TICKET` matches it
     run_config = Path(args.ticket).parent.parent / CONFIG_FILE
-    base = load_yaml(run_config) if run_config.is_file() else Config()
+    base = distributed.from_main(lambda: load_yaml(run_config) if run_config.is_file() else Config())
     base.run.out = ""  # the run's own folder is not the retrain's; --out may still name one
+    base.model.arch, base.model.width = ticket["arch"]["name"], ticket["arch"]["width"]  # the ticket's network
     cfg = resolve_config(args, base)
     validate(cfg)
     init = cfg.search.init
     out = Path(cfg.run.out) if cfg.run.out else (
         Path(args.ticket).parent.parent / "retrain" / f"{ratio_name(ticket['ratio'])}"
         f"{'' if init == 'eb' else '-' + init}")
-    result = retrain_ticket(cfg, Path(args.ticket), out, load_data(cfg.data, seed=cfg.train.seed),
-                            resolve_device(cfg.train.device), init)
-    print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
-          f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")
+    with distributed.main_first():
+        data = load_data(cfg.data, seed=cfg.train.seed)
+    check_ticket_fits(cfg, data, ticket, args.ticket)
+    check_model(cfg, data, early_bird=False)
+    try:
+        result = retrain_ticket(cfg, Path(args.ticket), out, data, resolve_device(cfg.train.device), init)
+    except KeyboardInterrupt:
+        _interrupted(f"the same command (it continues from {out / 'checkpoint.pt'})")
+    if distributed.is_main():
+        print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
+              f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")
 
 
 def _lottery(args: argparse.Namespace) -> None:
@@ -249,11 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "search")  # EB-Train is the default command
     try:
-        _run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise UserError(f"'ebtrain {args.command}' runs in one process: start it with python -m ebtrain, "
+                            f"not torchrun (under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+        distributed.setup()  # under torchrun: join the other processes
+        _run(args)
     except UserError as e:
         print(f"ebtrain: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:  # outside training (which names its batch sizes), e.g. moving the data
+        print(f"ebtrain: error: out of GPU memory ({str(e).splitlines()[0]}): try a smaller --batch-size or "
+              "--eval-batch-size, a smaller --width, or a --train-subset", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ebtrain: interrupted; continue with --resume --out RUN_DIR", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0

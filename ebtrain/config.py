@@ -52,7 +52,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _field(160, "total training epochs of the dense schedule")
-    batch_size: int = _field(256, "training batch size")
+    batch_size: int = _field(256, "training batch size (under torchrun the global batch, split evenly among "
+                             "the processes)")
     optimizer: str = _field("sgd", "optimizer", ("sgd", "adam"))
     lr: float = _field(0.1, "initial learning rate")
     momentum: float = _field(0.9, "SGD momentum")
@@ -63,6 +64,8 @@ class TrainConfig:
     seed: int = _field(1, "random seed for initialization and data order")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     compile: bool = _field(False, "compile the model with torch.compile")
+    sync_bn: bool = _field(False, "under torchrun on GPUs: BatchNorm statistics of the whole global batch "
+                           "(SyncBatchNorm) rather than of each GPU's share")
     eval_batch_size: int = _field(1024, "batch size for evaluation")
 
 
@@ -84,6 +87,9 @@ class SearchConfig:
     init: str = _field("eb", "weights the pruned network starts from: eb (the Early-Bird weights), reinit "
                        "(fresh random weights, full schedule), rewind (kept initial weights)",
                        ("eb", "reinit", "rewind"))
+    round_channels: int = _field(1, "round each layer of a pruned network up to a multiple of N channels (at most "
+                                 "its dense size), keeping again its highest-scored pruned channels, so tensor "
+                                 "cores stay efficient; the Early-Bird mask is unchanged (1: no rounding)")
     baseline: bool = _field(False, "also train the dense network for the full schedule, for comparison")
 
 
@@ -169,10 +175,9 @@ def coerce(section: str, name: str, value: Any) -> Any:
         raise UserError(f"{where} = {value!r} is not allowed: expected true or false")
     if kind is list:
         items = value if isinstance(value, (list, tuple)) else [value]
-        try:
-            return [float(v) if not isinstance(v, int) or isinstance(v, bool) else v for v in items]
-        except (TypeError, ValueError):
-            raise UserError(f"{where} = {value!r} is not allowed: expected a list of numbers") from None
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            return [v if isinstance(v, int) else float(v) for v in items]
+        raise UserError(f"{where} = {value!r} is not allowed: expected a list of numbers")
     if kind is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise UserError(f"{where} = {value!r} is not allowed: expected a whole number")
@@ -181,8 +186,13 @@ def coerce(section: str, name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where} = {value!r} is not allowed: expected a number")
         return float(value)
-    value = str(value)
     choices = f.metadata.get("choices")
+    if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where} = {value!r} is not allowed: "
+                        + (f"choose from {', '.join(choices)}" if choices else "expected text"))
+    value = str(value)
     if choices and value not in choices:
         raise UserError(f"{where} = {value!r} is not allowed: choose from {', '.join(choices)}"
                         + _closest(value, choices))
@@ -212,9 +222,11 @@ def load_yaml(path: str | Path, base: Config | None = None) -> Config:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}): is it a YAML file?") from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     return apply_overrides(base or Config(), data)

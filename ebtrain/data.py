@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save
+from .checkpoint import UnreadableFile, atomic_save, load
 from .config import DataConfig
 from .errors import UserError
 
@@ -148,6 +149,7 @@ def _make_synthetic(cfg: DataConfig, seed: int) -> Splits:
 
 CACHE_DIR = ".ebtrain-cache"
 CACHE_VERSION = 1  # bump when the cached layout or the decoding changes
+ANNOUNCE_AFTER_S = 1.0  # decoding that takes longer than this is announced on stderr
 
 
 def _decode(path: str) -> torch.Tensor:
@@ -196,10 +198,12 @@ def _tree_key(root: Path, paths: list[str]) -> str:
 
 
 def _decode_all(paths: list[str], root: Path) -> list[torch.Tensor]:
-    """Decode on a thread pool (torchvision's decoders release the GIL), reporting progress on stderr."""
-    print(f"ebtrain: decoding {len(paths)} images in '{root}' (once; cached in {root / CACHE_DIR})",
-          file=sys.stderr, flush=True)
+    """Decode on a thread pool (torchvision's decoders release the GIL), reporting progress on stderr
+    when decoding takes long enough to be worth a word (a small folder decodes silently)."""
     started = time.time()
+    note = f"ebtrain: decoding {len(paths)} images in '{root}' (once; cached in {root / CACHE_DIR})"
+    announce = threading.Timer(ANNOUNCE_AFTER_S, lambda: print(note, file=sys.stderr, flush=True))
+    announce.start()
     chunks = [paths[i:i + 512] for i in range(0, len(paths), 512)]
     images: list[torch.Tensor] = []
     live = sys.stderr.isatty()  # a running count only where it can overwrite itself
@@ -212,9 +216,13 @@ def _decode_all(paths: list[str], root: Path) -> list[torch.Tensor]:
         except BaseException:  # an unreadable file or Ctrl-C: stop now instead of decoding the rest
             pool.shutdown(cancel_futures=True)
             raise
+        finally:
+            announce.cancel()
     if live:
         print(file=sys.stderr)
-    print(f"ebtrain: decoded {len(paths)} images in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.time() - started
+    if seconds >= ANNOUNCE_AFTER_S:
+        print(f"ebtrain: decoded {len(paths)} images in {seconds:.1f} s", file=sys.stderr, flush=True)
     return images
 
 
@@ -245,6 +253,9 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> Splits:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
         raise UserError(f"classes differ between {root / 'train'} and {root / 'test'}: only in train: "
                         f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
+    if len(classes) < 2:
+        raise UserError(f"'{root / 'train'}' holds one class ({classes[0]}): a classifier needs at least 2 class "
+                        "folders")
     samples = train_samples + test_samples
     paths = [p for p, _ in samples]
     cache = root / CACHE_DIR / f"imagefolder-{_tree_key(root, paths)}.pt"
@@ -264,8 +275,8 @@ def _read_cache(cache: Path) -> dict[str, torch.Tensor] | None:
     if not cache.is_file():
         return None
     try:
-        return torch.load(cache, weights_only=True)
-    except Exception as e:  # a damaged cache is rebuilt, never fatal
+        return load(cache, weights_only=True)
+    except UnreadableFile as e:  # a damaged cache is rebuilt, never fatal
         print(f"ebtrain: ignoring unreadable cache {cache} ({e})", file=sys.stderr)
         return None
 
@@ -385,13 +396,24 @@ class BatchLoader:
     scaled to [0, 1] and normalized with `mean`/`std`; y int64 [B]. With `shuffle` the order, and with
     `augment` the crop offsets and flips, come from a generator seeded by (`seed`, epoch): call
     `set_epoch(e)` before iterating epoch e (iterating twice without it repeats the epoch).
+
+    With `world_size` > 1 the loader yields rank `rank`'s share of every batch: every rank draws the
+    same order and augmentation, cuts the same global batches of `batch_size` images and takes the
+    `rank`-th of `world_size` contiguous, near-equal pieces of each, so together the ranks see the
+    batches one process would, and every rank yields the same number of batches. `even_shards` (for
+    training) makes the pieces equal: `batch_size` must then be a multiple of `world_size`, and the
+    last `n % world_size` images of each epoch's order are left out (none with one process).
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
                  device: str | torch.device = "cpu", shuffle: bool = False, augment: bool = False, pad: int = 4,
-                 seed: int = 0, drop_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 even_shards: bool = False) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if even_shards and batch_size % world_size:
+            raise UserError(f"batch size {batch_size} does not split evenly among {world_size} processes: under "
+                            f"torchrun --batch-size is the global batch, make it a multiple of {world_size}")
         if pad < 0:
             raise UserError(f"crop padding must not be negative, got {pad}")
         self.device = torch.device(device)
@@ -399,6 +421,7 @@ class BatchLoader:
         self.labels = data.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         # x = (pixel / 255 - mean) / std, folded into one multiply-add per element.
@@ -411,9 +434,12 @@ class BatchLoader:
 
     @property
     def num_samples(self) -> int:
-        """Images yielded per epoch (fewer than the data when `drop_last` drops a partial batch)."""
+        """Images yielded per epoch by all ranks together (fewer than the data when `drop_last` drops a
+        partial batch or `even_shards` the images that do not split evenly among the ranks)."""
         n = len(self.labels)
-        return n - n % self.batch_size if self.drop_last else n
+        if self.drop_last:
+            return n - n % self.batch_size
+        return n - n % self.world_size if self.even_shards else n
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
@@ -430,7 +456,9 @@ class BatchLoader:
             offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator, device=device)
             flips = torch.rand(n, generator=generator, device=device) < 0.5
         for start in range(0, self.num_samples, self.batch_size):
-            batch = slice(start, start + self.batch_size)
+            size = min(self.batch_size, self.num_samples - start)  # the global batch [start, start + size)
+            rank, ranks = self.rank, self.world_size
+            batch = slice(start + size * rank // ranks, start + size * (rank + 1) // ranks)
             index = order[batch]
             x = self.images[index]
             if self.augment:

@@ -13,6 +13,8 @@ the phase in progress from its checkpoint.
 Every phase's result.json holds its cost (FLOPs, seconds; see flops.py), summary.json the run's
 (`cost`: search, each ticket, the dense baseline, savings), and each phase folder a TensorBoard run
 `flops/` with test accuracy against cumulative training FLOPs.
+Under torchrun every rank runs these functions alike, training data-parallel; rank 0 alone reads and
+writes the run directory and hands what it reads to the other ranks (see distributed.py).
 """
 from __future__ import annotations
 
@@ -22,15 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config
 from .data import DataBundle, load_data
-from .earlybird import EarlyBird, Ticket, prunable_bns
+from .earlybird import EarlyBird, Ticket, channel_scores, prunable_bns
 from .errors import UserError
 from .flops import CostMeter, detector_ops, measure_cost, run_cost, search_total
 from .models import build_model, count_params, save_model
 from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
-from .prune import kept_channels, prune_channels
+from .prune import kept_channels, prune_channels, round_keep
 from .quant import BFPTraining
 from .rundir import SUMMARY_FILE
 from .train import Hook, Trainer, resolve_device, seed_everything
@@ -45,7 +47,11 @@ def ratio_name(ratio: float) -> str:
 
 
 class L1Sparsity(Hook):
-    """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs."""
+    """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs.
+
+    Under torchrun DDP has averaged the gradients over the ranks by the time backward returns, so the
+    penalty is added once, to the averaged gradient, and alike on every rank (the weights are the same).
+    """
 
     def __init__(self, model: nn.Module, strength: float):
         self.weights = [bn.weight for _, bn in prunable_bns(model)]
@@ -57,15 +63,25 @@ class L1Sparsity(Hook):
 
 
 class EarlyBirdHook(Hook):
-    """Runs the detector after every search epoch, saves each ticket as it emerges, stops when all have."""
+    """Runs the detector after every search epoch, saves each ticket as it emerges, stops when all have.
+
+    Under torchrun the detector draws its masks on rank 0, which alone saves tickets and figures, and
+    every rank's detector becomes a copy of rank 0's: one set of tickets, one decision to stop.
+    """
 
     def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int):
         self.detector = detector
         self.run_dir = run_dir
         self.max_epochs = max_epochs
 
+    def step(self, epoch: int) -> list[Ticket]:
+        """Draw the masks of epoch `epoch`: the tickets that emerged now (on rank 0; [] on the others)."""
+        tickets = self.detector.step(epoch) if distributed.is_main() else []
+        distributed.sync_from_main(self.detector)
+        return tickets
+
     def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
-        for ticket in self.detector.step(epoch):
+        for ticket in self.step(epoch):
             path = save_ticket(ticket, trainer.model, self.run_dir)
             print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
                   file=sys.stderr, flush=True)
@@ -117,24 +133,52 @@ def save_ticket(ticket: Ticket, model: nn.Module, run_dir: Path) -> Path:
 
 
 def load_ticket(path: str | Path) -> dict:
-    """Read a ticket file written by the search; a file that is not one raises UserError."""
-    path = Path(path)
+    """Read a ticket file written by the search; a file that is not one raises UserError.
+    Under torchrun rank 0 reads it and every rank gets its contents."""
+    return distributed.from_main(_read_ticket, Path(path))
+
+
+def _read_ticket(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"ticket file '{path}' not found")
     try:
         ticket = checkpoint.load(path)
-    except Exception as e:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"'{path}' is not a readable ticket file ({type(e).__name__})") from None
+    except (checkpoint.UnreadableFile, OSError) as e:
+        raise UserError(f"'{path}' is not a readable ticket file ({e})") from None
     if not isinstance(ticket, dict) or ticket.get("kind") != "ebtrain-ticket":
         raise UserError(f"'{path}' is not an ebtrain ticket file (those are written to RUN/tickets/)")
     return ticket
 
 
+def dense_from_ticket(ticket: dict) -> nn.Module:
+    """The dense network with the ticket's weights, those at the EB epoch; UserError if the weights or
+    the masks do not fit the ticket's arch (a damaged ticket, or one edited by hand)."""
+    dense = build_model(**ticket["arch"])
+    what = f"the ticket for p = {ticket['ratio']:g} does not fit its arch {ticket['arch']['name']}"
+    try:
+        dense.load_state_dict(ticket["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{what}: {' '.join(str(e).split())[:300]}") from None
+    sizes = [bn.num_features for _, bn in prunable_bns(dense)]
+    if [len(k) for k in ticket["keep"]] != sizes:
+        raise UserError(f"{what}: it has masks for layers of {[len(k) for k in ticket['keep']]} channels, the arch "
+                        f"has {sizes}")
+    return dense
+
+
 def pruned_from_ticket(ticket: dict) -> tuple[nn.Module, nn.Module]:
     """(dense network with the EB weights, the physically pruned network with the kept slices)."""
-    dense = build_model(**ticket["arch"])
-    dense.load_state_dict(ticket["state_dict"])
+    dense = dense_from_ticket(ticket)
     return dense, prune_channels(dense, ticket["keep"])
+
+
+def round_ticket(ticket: dict, multiple: int) -> dict:
+    """The ticket with each layer's kept channels rounded up to a multiple of `multiple` (`round_keep`,
+    by |gamma| at the EB epoch): its `keep` and `kept_channels` then describe the network that is cut
+    and trained, and `channels_rounded_added` counts the channels the rounding kept again."""
+    keep = round_keep(ticket["keep"], channel_scores(dense_from_ticket(ticket)), multiple)
+    return {**ticket, "keep": keep, "kept_channels": kept_channels(keep),
+            "channels_rounded_added": sum(kept_channels(keep)) - sum(ticket["kept_channels"])}
 
 
 # ---- phases ------------------------------------------------------------------------------------
@@ -149,13 +193,29 @@ def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
 
 
 def _finished(out_dir: Path) -> dict | None:
+    """The phase's result if it has finished (read on rank 0 under torchrun and handed to every rank)."""
     path = out_dir / RESULT_FILE
-    return checkpoint.load_json(path) if path.exists() else None
+    return distributed.from_main(lambda: checkpoint.load_json(path) if path.exists() else None)
 
 
 def _cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
     """Measures the model's FLOPs at the training batch size and meters them through a phase."""
     return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
+
+
+def _initial_weights(run_dir: Path) -> dict:
+    path = run_dir / INIT_FILE
+    if not path.exists():
+        raise UserError(f"--init rewind needs the initial weights '{path}' written by the search")
+    return checkpoint.load(path)
+
+
+def _save_phase(result: dict, model: nn.Module, out_dir: Path, **extra) -> None:
+    """Write the trained network (model.pt, with `extra` entries) and then result.json, which marks the
+    phase finished; under torchrun from rank 0 only."""
+    if distributed.is_main():
+        save_model(model.cpu(), out_dir / "model.pt", **extra)
+        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
 
 
 def _search_flops(ticket_path: Path) -> float:
@@ -171,7 +231,7 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     if done is not None:
         return done
     model = _dense_model(cfg, data)
-    if not (run_dir / INIT_FILE).exists():
+    if distributed.is_main() and not (run_dir / INIT_FILE).exists():
         checkpoint.atomic_save(model.state_dict(), run_dir / INIT_FILE)
     s = cfg.search
     detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule)
@@ -187,28 +247,29 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     if trainer.resume():
         trainer.stop = eb_hook.should_stop(trainer.epoch)  # killed after the last epoch's checkpoint
     else:
-        detector.step(0)  # the mask at initialization starts the distance matrix
+        eb_hook.step(0)  # the mask at initialization starts the distance matrix
     result = trainer.fit()
-    for ratio in detector.ratios:
-        eb_hook.draw(trainer, trainer.epoch, ratio)
-    names = [name for name, _ in prunable_bns(model)]
     channels = [bn.num_features for _, bn in prunable_bns(model)]
-    kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
-    save_figure(kept_channels_figure(names, channels, kept), out_dir / "kept_channels.png")
-    trainer.monitor.close()
     cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.ratios),
                                                                   len(detector.epochs)),
             # a bfp search's multiply-adds are 8-bit (or --bits) operations, not fp32 ones
             "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
-    if detector.pending:
-        last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
-                         for r in detector.pending)
-        print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
-              "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
     result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
     result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
                   tickets={ratio_name(r): str(Path("tickets") / f"{ratio_name(r)}.pt") for r in detector.emerged})
-    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    if distributed.is_main():
+        for ratio in detector.ratios:
+            eb_hook.draw(trainer, trainer.epoch, ratio)
+        names = [name for name, _ in prunable_bns(model)]
+        kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
+        save_figure(kept_channels_figure(names, channels, kept), out_dir / "kept_channels.png")
+        if detector.pending:
+            last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
+                             for r in detector.pending)
+            print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
+                  "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
+        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    trainer.monitor.close()
     return result
 
 
@@ -224,7 +285,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     done = _finished(out_dir)
     if done is not None:
         return done
-    ticket = load_ticket(ticket_path)
+    ticket = round_ticket(load_ticket(ticket_path), cfg.search.round_channels)  # the EB mask stays on disk
     dense, pruned = pruned_from_ticket(ticket)
     start = ticket["epoch"]
     if init == "reinit":
@@ -234,10 +295,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
         fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
         pruned, start = fresh, 0
     elif init == "rewind":
-        init_path = Path(ticket_path).parent.parent / INIT_FILE
-        if not init_path.exists():
-            raise UserError(f"--init rewind needs the initial weights '{init_path}' written by the search")
-        dense.load_state_dict(checkpoint.load(init_path))
+        dense.load_state_dict(distributed.from_main(_initial_weights, Path(ticket_path).parent.parent))
         pruned = prune_channels(dense, ticket["keep"])
         start = 0
     if start >= cfg.train.epochs:
@@ -251,12 +309,12 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
-    save_model(trainer.model.cpu(), out_dir / "model.pt", ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
+                  round_channels=cfg.search.round_channels, channels_rounded_added=ticket["channels_rounded_added"],
                   params_dense=count_params(dense), params_pruned=count_params(pruned))
-    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    _save_phase(result, trainer.model, out_dir, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     return result
 
 
@@ -273,23 +331,42 @@ def train_dense(cfg: Config, out_dir: Path, data: DataBundle, device: torch.devi
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
-    save_model(trainer.model.cpu(), out_dir / "model.pt")
     result.update(params=count_params(model), precision="fp32")
-    checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+    _save_phase(result, trainer.model, out_dir)
     return result
+
+
+def _summary_head(cfg: Config, device: torch.device) -> dict:
+    """What a summary starts with: the network, the data, the schedule, where it trained."""
+    head = {"arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
+            "epochs": cfg.train.epochs, "device": str(device)}
+    if distributed.world_size() > 1:  # results depend on it (each process's BatchNorm sees its share of a batch)
+        head["processes"] = distributed.world_size()
+    return head
+
+
+def _save_summary(summary: dict, run_dir: Path) -> None:
+    if distributed.is_main():
+        checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
 
 
 def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
     """The main job: search, then prune and retrain every ticket, then summary.json."""
     device = resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
-    summary: dict = {"arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
-                     "epochs": cfg.train.epochs, "device": str(device)}
+    summary = _summary_head(cfg, device)
     search = run_search(cfg, run_dir, data, device)
     summary["search"] = search
     summary["tickets"] = {}
     if cfg.search.retrain:
+        eb_epochs = {ratio_name(float(r)): v["eb_epoch"] for r, v in search["detector"]["ratios"].items()}
         for name, rel in search["tickets"].items():
+            if cfg.search.init == "eb" and eb_epochs[name] >= cfg.train.epochs:
+                if distributed.is_main():
+                    print(f"ebtrain: the ticket {name} emerged at the schedule's last epoch, so no epoch is left to "
+                          "retrain it: raise --epochs or stop the search earlier (--max-search-epochs)",
+                          file=sys.stderr, flush=True)
+                continue
             folder = name if cfg.search.init == "eb" else f"{name}-{cfg.search.init}"
             summary["tickets"][name] = retrain_ticket(cfg, run_dir / rel, run_dir / "retrain" / folder,
                                                       data, device, cfg.search.init)
@@ -298,7 +375,7 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
     summary["cost"] = run_cost(search["cost"], {name: t["cost"] for name, t in summary["tickets"].items()},
                                summary.get("baseline", {}).get("cost"), cfg.train.epochs)
     summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")
-    checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+    _save_summary(summary, run_dir)
     return summary
 
 
@@ -307,7 +384,6 @@ def dense_only(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> di
     device = resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     result = train_dense(cfg, run_dir, data, device)
-    summary = {"arch": cfg.model.arch, "dataset": cfg.data.dataset, "width": cfg.model.width,
-               "epochs": cfg.train.epochs, "device": str(device), "baseline": result}
-    checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+    summary = {**_summary_head(cfg, device), "baseline": result}
+    _save_summary(summary, run_dir)
     return summary

@@ -27,10 +27,13 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import torch
+
 from . import checkpoint
 from .errors import UserError
 from .flops import baseline_cost, ticket_cost
 from .monitor import save_figure  # first: it sets matplotlib's file-only backend
+from .pipeline import load_ticket
 from .rundir import SUMMARY_FILE
 
 import matplotlib.pyplot as plt
@@ -146,6 +149,46 @@ def read_summary(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"'{run_dir}' holds no {SUMMARY_FILE}: is it a finished ebtrain run?")
     return checkpoint.load_json(path)
+
+
+# ---- tickets of two runs side by side ---------------------------------------------------------------
+AGREEMENT_COLUMNS = ("ratio", "eb_epoch_a", "eb_epoch_b", "channels", "agree", "jaccard", "layers_agree")
+
+
+def ticket_agreement_rows(run_a: str | Path, run_b: str | Path) -> list[dict]:
+    """How far the tickets of two searches of the same network agree, one row per ratio both drew.
+
+    agree: percent of all prunable channels on which the masks make the same choice (1 - normalized
+    Hamming distance); jaccard: percent of the channels kept by either that both keep; layers_agree:
+    the agree figure per layer. Used to compare, for instance, a bfp8 search with a full-precision one.
+    """
+    tickets = [{p.stem: p for p in sorted((Path(run) / "tickets").glob("p*.pt"))} for run in (run_a, run_b)]
+    rows = []
+    for name in sorted(tickets[0].keys() & tickets[1].keys()):
+        a, b = load_ticket(tickets[0][name]), load_ticket(tickets[1][name])
+        if a["dense_channels"] != b["dense_channels"]:
+            raise UserError(f"tickets {tickets[0][name]} and {tickets[1][name]} are of differently shaped "
+                            f"networks ({a['dense_channels']} vs {b['dense_channels']} channels per layer)")
+        ka, kb = torch.cat(a["keep"]), torch.cat(b["keep"])
+        rows.append({"ratio": a["ratio"], "eb_epoch_a": a["epoch"], "eb_epoch_b": b["epoch"],
+                     "channels": int(ka.numel()),
+                     "agree": round(100 * float((ka == kb).float().mean()), 2),
+                     "jaccard": round(100 * int((ka & kb).sum()) / max(1, int((ka | kb).sum())), 2),
+                     "layers_agree": [round(100 * float((la == lb).float().mean()), 1)
+                                      for la, lb in zip(a["keep"], b["keep"])]})
+    if not rows:
+        raise UserError(f"'{run_a}' and '{run_b}' have no ticket ratio in common (their tickets/ folders)")
+    return rows
+
+
+def format_agreement(rows: list[dict], run_a: str | Path, run_b: str | Path) -> str:
+    """A text table of `ticket_agreement_rows`, naming which run is a and which b."""
+    lines = [f"a = {run_a}", f"b = {run_b}",
+             f"{'ratio':>5}  {'EB epoch a':>10}  {'EB epoch b':>10}  {'agree %':>7}  {'jaccard %':>9}  per layer agree %"]
+    for r in rows:
+        lines.append(f"{r['ratio']:>5g}  {r['eb_epoch_a']:>10}  {r['eb_epoch_b']:>10}  {r['agree']:>7.2f}  "
+                     f"{r['jaccard']:>9.2f}  {' '.join(f'{x:g}' for x in r['layers_agree'])}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- accuracy against training FLOPs -----------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""Run directories: where a run's files go, and the rules for reusing one."""
+"""Run directories: where a run's files go, and the rules for reusing one.
+
+Under torchrun rank 0 alone creates and reads the run directory; the other ranks get the results.
+"""
 from __future__ import annotations
 
 import shutil
 import time
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, apply_overrides, dump_yaml, load_yaml
 from .errors import UserError
 
@@ -22,19 +25,27 @@ def default_run_dir(cfg: Config) -> Path:
 def config_for_resume(out: str | Path) -> Config:
     """The saved config of the run in `out`, marked to resume."""
     out = Path(out)
-    if not (out / CONFIG_FILE).is_file():
-        raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
-    cfg = load_yaml(out / CONFIG_FILE)
+    cfg = distributed.from_main(_saved_config, out)
     cfg.run.resume, cfg.run.out = True, str(out)
     return cfg
+
+
+def _saved_config(out: Path) -> Config:
+    if not (out / CONFIG_FILE).is_file():
+        raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
+    return load_yaml(out / CONFIG_FILE)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Create (or reopen, with --resume) the run directory and write the resolved config into it.
 
     A directory that already holds a run is refused unless --resume (continue it) or --overwrite
-    (delete it and start over) is given.
+    (delete it and start over) is given. Under torchrun rank 0 does this and every rank gets the path.
     """
+    return distributed.from_main(_prepare_run_dir, cfg)
+
+
+def _prepare_run_dir(cfg: Config) -> Path:
     out = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg)
     holds_run = (out / CONFIG_FILE).exists()
     if cfg.run.resume:

@@ -3,11 +3,14 @@
 The loop is short on purpose; features (the L1 penalty, the Early-Bird detector) attach as hooks.
 Epochs are counted globally: a retrain that starts at EB epoch 25 of a 160-epoch schedule trains epochs
 26..160 and its learning rate follows the same milestones as the dense run.
+Under torchrun the same loop runs data-parallel (see distributed.py): each rank trains on its share of
+every global batch, metrics are summed over the ranks, and only rank 0 writes files and prints.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -20,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig, resolve_milestones
 from .data import BatchLoader, DataBundle
 from .errors import UserError
@@ -48,16 +51,31 @@ class Hook:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise the named device, checked."""
+    """'auto' -> cuda when available, else cpu; otherwise the named device, checked.
+    Under torchrun, cuda is the GPU of this process's LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device '{name}' is not a device: use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for but CUDA is not available: use --device cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device '{name}' is not a device: use cpu, cuda, cuda:N or auto") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{name}' was asked for but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and distributed.is_distributed():
+        return _local_gpu(name, device)
     return device
+
+
+def _local_gpu(name: str, device: torch.device) -> torch.device:
+    if device.index is not None:
+        raise UserError(f"device '{name}': under torchrun every process uses the GPU of its LOCAL_RANK; "
+                        "use --device cuda")
+    gpus, local = torch.cuda.device_count(), distributed.local_rank()
+    if local >= gpus:
+        raise UserError(f"process with LOCAL_RANK {local} has no GPU of its own: this machine has {gpus}; "
+                        f"start at most {gpus} processes per machine (--nproc_per_node)")
+    return torch.device("cuda", local)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,7 +102,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole of `loader`'s data (exact, no dropped batch)."""
+    """Mean loss and accuracy over the whole of `loader`'s data (exact, no dropped batch); under torchrun
+    each rank evaluates its share of the data and the sums are added up over the ranks."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -95,7 +114,7 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     n = loader.num_samples
-    return loss_sum.item() / n, correct.item() / n
+    return distributed.all_reduce_sum(loss_sum).item() / n, distributed.all_reduce_sum(correct).item() / n
 
 
 def _autocast(device: torch.device):
@@ -115,6 +134,11 @@ class Trainer:
     Writes, when `out_dir` is given: `checkpoint.pt` after every epoch (atomically), `metrics.jsonl`
     (one JSON object per epoch) and TensorBoard events. `resume()` continues from the checkpoint with
     the same epoch, optimizer state, schedule, hook state and data order.
+
+    Under torchrun `model` trains through DistributedDataParallel (`step_model`; `model` stays the
+    plain network, the same on every rank after every step), `cfg.batch_size` is the global batch,
+    each rank takes its equal share of it, and only rank 0 writes and prints; `resume()` loads rank 0's
+    checkpoint on every rank.
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: torch.device,
@@ -126,25 +150,28 @@ class Trainer:
         self.model = model.to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = distributed.data_parallel(self.model, device, sync_bn=cfg.sync_bn)
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
         self.hooks = list(hooks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.start_epoch = start_epoch
         self.end_epoch = cfg.epochs if end_epoch is None else end_epoch
         self.epoch = start_epoch  # next epoch index to train (0-based), = epochs completed
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.name = name
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.history: list[dict] = []
         self.steps = 0
         self.seconds = 0.0
         self.stop = False
-        norm = dict(mean=data.mean, std=data.std, device=device)
+        norm = dict(mean=data.mean, std=data.std, device=device, rank=distributed.rank(),
+                    world_size=distributed.world_size())
         self.train_loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=data.augment,
-                                        seed=cfg.seed, **norm)
+                                        seed=cfg.seed, even_shards=True, **norm)
         self.test_loader = BatchLoader(data.test, cfg.eval_batch_size, **norm)
         self.val_loader = BatchLoader(data.val, cfg.eval_batch_size, **norm) if data.val is not None else None
-        self.monitor = Monitor(self.out_dir if tensorboard else None)
+        self.monitor = Monitor(self.out_dir if tensorboard and distributed.is_main() else None)
 
     # ---- checkpointing -------------------------------------------------------------------------
     @property
@@ -168,7 +195,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load `checkpoint.pt` from out_dir if there is one; returns whether it did."""
-        state = checkpoint.load_checkpoint(self.checkpoint_path) if self.out_dir else None
+        state = distributed.from_main(checkpoint.load_checkpoint, self.checkpoint_path) if self.out_dir else None
         if state is None:
             return False
         self.load_state_dict(state)
@@ -176,7 +203,7 @@ class Trainer:
         return True
 
     def _save(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not distributed.is_main():
             return
         checkpoint.save_checkpoint(self.state_dict(), self.checkpoint_path)
         # metrics.jsonl is rewritten from the checkpointed history so the two never disagree
@@ -185,9 +212,17 @@ class Trainer:
 
     # ---- training ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train until end_epoch or until a hook sets `stop`; returns `result()`."""
-        while self.epoch < self.end_epoch and not self.stop:
-            self._train_epoch()
+        """Train until end_epoch or until a hook sets `stop`; returns `result()`.
+
+        Raises UserError when the loss stops being finite or the GPU runs out of memory, saying what to
+        change; the checkpoint of the last finished epoch stays as it was."""
+        try:
+            while self.epoch < self.end_epoch and not self.stop:
+                self._train_epoch()
+        except torch.OutOfMemoryError:
+            raise UserError(f"{self.name}: out of {self.device} memory in epoch {self.epoch + 1}: start again with "
+                            f"a smaller --batch-size (now {self.cfg.batch_size}), or a smaller --eval-batch-size "
+                            f"(now {self.cfg.eval_batch_size}) if it ran out while evaluating") from None
         self.monitor.flush()
         return self.result()
 
@@ -197,13 +232,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        self.model.train()
+        self.step_model.train()
         self.train_loader.set_epoch(e)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         bar = tqdm(self.train_loader, desc=f"{self.name} epoch {e + 1}/{self.end_epoch}",
                    disable=not self.progress, leave=False, file=sys.stderr)
-        for x, y in bar:
+        first_bad_step = torch.zeros((), device=self.device, dtype=torch.long)  # 1-based; 0: every loss finite
+        for step, (x, y) in enumerate(bar, 1):
             with _autocast(self.device):
                 out = self.step_model(_layout(x))
                 loss = F.cross_entropy(out.float(), y)
@@ -217,10 +253,15 @@ class Trainer:
             # accumulate on the device: no host synchronization inside the step
             loss_sum += loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
+            first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
             self.steps += 1
         n = self.train_loader.num_samples
-        metrics = {"epoch": e + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n}
+        metrics = {"epoch": e + 1, "lr": lr, "train_loss": distributed.all_reduce_sum(loss_sum).item() / n,
+                   "train_acc": distributed.all_reduce_sum(correct).item() / n}
+        # checked before the hooks and the checkpoint see the weights: a diverged epoch is never saved
+        self._stop_if_diverged("training", metrics["train_loss"], int(first_bad_step), lr)
         metrics["test_loss"], metrics["test_acc"] = evaluate(self.step_model, self.test_loader)
+        self._stop_if_diverged("test", metrics["test_loss"], 0, lr)
         if self.val_loader is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate(self.step_model, self.val_loader)
         seconds = time.perf_counter() - started
@@ -234,13 +275,23 @@ class Trainer:
                                                   if "val_loss" in metrics else {})})
         for hook in self.hooks:
             hook.after_epoch(self, e + 1, metrics)
-        if not np.isfinite(metrics["train_loss"]):
-            raise UserError(f"{self.name}: the training loss became {metrics['train_loss']} in epoch {e + 1}; "
-                            "try a smaller --lr")
         self._save()
-        print(f"{self.name} epoch {e + 1}/{self.end_epoch}: loss {metrics['train_loss']:.3f} "
-              f"train {100 * metrics['train_acc']:.1f}% test {100 * metrics['test_acc']:.2f}% "
-              f"lr {lr:.4g} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print(f"{self.name} epoch {e + 1}/{self.end_epoch}: loss {metrics['train_loss']:.3f} "
+                  f"train {100 * metrics['train_acc']:.1f}% test {100 * metrics['test_acc']:.2f}% "
+                  f"lr {lr:.4g} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+
+    def _stop_if_diverged(self, which: str, loss: float, step: int, lr: float) -> None:
+        """UserError if `loss` (the epoch's `which` loss) is not finite; `step`: the epoch's first step whose
+        loss was not (1-based), 0 if unknown."""
+        if math.isfinite(loss):
+            return
+        where = f"at step {step} of {len(self.train_loader)}" if step else "by its end"
+        kept = (f"the checkpoint of epoch {self.epoch} is kept" if self.out_dir and self.checkpoint_path.exists()
+                else "nothing was saved")
+        raise UserError(f"{self.name}: the {which} loss became {loss} in epoch {self.epoch + 1}, {where}; {kept}. "
+                        f"Start again with a smaller --lr (this epoch's is {lr:g}), or --precision fp32 for an "
+                        "8-bit search")
 
     def result(self) -> dict:
         """Final and best test accuracy, epochs trained, steps and seconds (JSON-able)."""

@@ -204,6 +204,53 @@ def test_mask_distance_is_a_metric(a, b, c):
     assert 0.0 <= mask_distance(a, b) <= 1.0
 
 
+layer_sizes = st.lists(st.integers(1, 10), min_size=1, max_size=5)
+
+
+@st.composite
+def drawn_masks(draw, count: int):
+    """`count` masks drawn by draw_mask from random scores of one network (random layer sizes)."""
+    sizes = draw(layer_sizes)
+    masks = []
+    for _ in range(count):
+        scores = [torch.tensor(draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n))) for n in sizes]
+        masks.append(draw_mask(scores, draw(st.floats(0.01, 0.99))))
+    return masks
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks=drawn_masks(3))
+def test_mask_distance_of_drawn_masks_is_a_metric_counting_differing_channels(masks):
+    a, b, c = masks
+    n = len(a.keep)
+    assert mask_distance(a, b) == mask_distance(b, a) == int((a.keep != b.keep).sum()) / n
+    assert (mask_distance(a, b) == 0.0) == torch.equal(a.keep, b.keep)
+    assert mask_distance(a, a) == 0.0
+    assert mask_distance(a, c) <= mask_distance(a, b) + mask_distance(b, c) + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), sizes=layer_sizes, low=st.floats(0.01, 0.99), high=st.floats(0.01, 0.99))
+def test_masks_of_one_ranking_are_nested_and_their_distance_is_the_count_difference(data, sizes, low, high):
+    low, high = min(low, high), max(low, high)
+    scores = [torch.tensor(data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n))) for n in sizes]
+    small, large = draw_mask(scores, low), draw_mask(scores, high)
+    n = sum(sizes)
+    assert small.num_pruned == min(math.floor(low * n), n - len(sizes))
+    assert large.num_pruned == min(math.floor(high * n), n - len(sizes))
+    assert bool((~small.keep <= ~large.keep).all())  # what the smaller ratio prunes, the larger one prunes too
+    assert mask_distance(small, large) == (large.num_pruned - small.num_pruned) / n
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), sizes=layer_sizes, ratio=st.floats(0.01, 0.99))
+def test_draw_mask_depends_only_on_the_order_of_the_scores(data, sizes, ratio):
+    # ties included: values from a small set; an increasing map keeps order and ties, so the mask stays
+    scores = [torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 2.0]), min_size=n, max_size=n)))
+              for n in sizes]
+    assert draw_mask(scores, ratio) == draw_mask([3 * s.exp() + 1 for s in scores], ratio)
+
+
 def test_mask_distance_hand_example_and_mixed_inputs():
     a = ChannelMask(keep_of("1100"), sizes=(2, 2))
     assert mask_distance(a, keep_of("1010")) == 0.5

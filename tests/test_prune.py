@@ -5,11 +5,17 @@ import pytest
 import torch
 from torch import nn
 
+from ebtrain import checkpoint
+from ebtrain.earlybird import channel_scores, draw_mask
 from ebtrain.errors import UserError
 from ebtrain.models import build_model, count_params, load_model, save_model
 from ebtrain.models.preresnet import ChannelSelection
 from ebtrain.models.resnet import BasicBlock
-from ebtrain.prune import kept_channels, load_pruned, prune_channels, switch_off_channels
+from ebtrain.pipeline import eb_train
+from ebtrain.prune import kept_channels, load_pruned, prune_channels, round_keep, switch_off_channels
+from ebtrain.rundir import prepare_run_dir
+
+from conftest import tiny_config
 
 FAMILIES = {
     "vgg16": {"width": 0.125},
@@ -190,3 +196,69 @@ def test_keep_all_is_identity():
 
 def test_kept_channels():
     assert kept_channels([torch.tensor([True, False, True]), torch.tensor([False, True])]) == [2, 1]
+
+
+# ---- rounding kept channels up to a multiple -----------------------------------------------------
+def test_round_keep_rounds_each_layer_up_to_a_multiple_capped_at_its_size():
+    generator = torch.Generator().manual_seed(8)
+    sizes = [5, 16, 20, 3, 64, 9]
+    keep = [torch.rand(n, generator=generator) < 0.4 for n in sizes]
+    for k in keep:
+        k[0] = True
+    scores = [torch.rand(n, generator=generator) for n in sizes]
+    rounded = round_keep(keep, scores, 8)
+    for k, r, n in zip(keep, rounded, sizes):
+        assert int(r.sum()) == min(-(-int(k.sum()) // 8) * 8, n)
+        assert bool((r | ~k).all())  # every channel the mask kept is still kept
+    assert kept_channels(rounded)[0] == 5 and kept_channels(rounded)[3] == 3  # layers smaller than 8: all
+
+
+def test_round_keep_adds_back_the_highest_scored_pruned_channels():
+    keep = [torch.tensor([True, False, False, True, False, False, False]), torch.tensor([True, False, False])]
+    scores = [torch.tensor([0.1, 0.9, 0.3, 0.2, 0.7, 0.05, 0.3]), torch.tensor([1.0, 2.0, 2.0])]
+    rounded = round_keep(keep, scores, 4)
+    # 2 kept -> 4: the two best pruned channels (0.9, 0.7); 1 kept -> 3 (capped): both of the others
+    assert rounded[0].tolist() == [True, True, False, True, True, False, False]
+    assert rounded[1].tolist() == [True, True, True]
+    # ties among pruned channels go to the lower channel index (0.3 at 2 before 0.3 at 6)
+    assert round_keep(keep[:1], scores[:1], 5)[0].nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_round_keep_by_one_is_identity():
+    model = randomized("vgg16", seed=9)
+    keep = draw_mask(channel_scores(model), 0.5).per_layer()
+    assert all(torch.equal(r, k) for r, k in zip(round_keep(keep, channel_scores(model), 1), keep))
+    with pytest.raises(ValueError, match="multiple of 1 or more"):
+        round_keep(keep, channel_scores(model), 0)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "preresnet"])
+def test_rounded_pruned_network_trains_and_equals_switched_off(name):
+    model = randomized(name, seed=10)
+    scores = channel_scores(model)
+    keep = round_keep(draw_mask(scores, 0.6).per_layer(), scores, 8)
+    pruned = prune_channels(model, keep).eval()
+    sizes = [bn.num_features for _, bn in model.prunable_bns()]
+    assert all(k % 8 == 0 or k == n for k, n in zip(kept_channels(keep), sizes))
+    assert count_params(pruned) < count_params(model)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), switch_off_channels(model, keep).eval()(x), atol=1e-5, rtol=1e-5)
+    pruned.train()
+    nn.functional.cross_entropy(pruned(x), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
+
+
+def test_retrain_cuts_the_rounded_network_and_says_what_rounding_added(tmp_path):
+    cfg = tiny_config(tmp_path, search={"ratios": [0.5], "eps": 0.9, "queue_length": 2, "round_channels": 8},
+                      train={"epochs": 3})
+    summary = eb_train(cfg, prepare_run_dir(cfg))
+    row = summary["tickets"]["p50"]
+    ticket = checkpoint.load(tmp_path / "run" / "tickets" / "p50.pt")
+    trained = load_model(tmp_path / "run" / "retrain" / "p50" / "model.pt")
+    channels = [bn.num_features for _, bn in trained.prunable_bns()]
+    assert channels == row["kept_per_layer"] and sum(channels) == row["channels_kept"]
+    assert all(k % 8 == 0 or k == n for k, n in zip(channels, ticket["dense_channels"]))
+    assert row["channels_rounded_added"] == sum(channels) - sum(ticket["kept_channels"]) > 0
+    assert [int(k.sum()) for k in ticket["keep"]] == ticket["kept_channels"]  # the EB mask itself is unchanged
+    assert row["round_channels"] == 8 and count_params(trained) == row["params_pruned"]

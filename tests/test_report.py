@@ -3,13 +3,14 @@ import io
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ebtrain.cli import main
 from ebtrain.data import load_data
 from ebtrain.flops import baseline_cost, run_cost
 from ebtrain.pipeline import dense_only, eb_train, retrain_ticket
-from ebtrain.report import summary_rows
+from ebtrain.report import summary_rows, ticket_agreement_rows
 from ebtrain.rundir import prepare_run_dir
 from ebtrain.train import resolve_device
 
@@ -142,3 +143,33 @@ def test_report_has_a_row_per_method_and_ratio_in_every_format(runs, capsys, tmp
 def test_report_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no summary.json" in capsys.readouterr().err
+
+
+def test_ticket_agreement_counts_the_channels_two_searches_choose_alike(tmp_path, capsys):
+    from ebtrain.earlybird import ChannelMask, Ticket
+    from ebtrain.models import build_model
+    from ebtrain.pipeline import save_ticket
+    model = build_model("vgg11", width=0.125, image_size=8)
+    sizes = tuple(bn.num_features for _, bn in model.prunable_bns())
+    keep_a = torch.ones(sum(sizes), dtype=torch.bool)
+    keep_a[::2] = False
+    keep_b = keep_a.clone()
+    keep_b[:4] = ~keep_b[:4]  # four channels of the first layer decided the other way
+    for run, keep, epoch in (("a", keep_a, 3), ("b", keep_b, 5)):
+        save_ticket(Ticket(0.5, epoch, ChannelMask(keep, sizes), []), model, tmp_path / run)
+    rows = ticket_agreement_rows(tmp_path / "a", tmp_path / "b")
+    n = sum(sizes)
+    both, either = int((keep_a & keep_b).sum()), int((keep_a | keep_b).sum())
+    assert rows == [{"ratio": 0.5, "eb_epoch_a": 3, "eb_epoch_b": 5, "channels": n,
+                     "agree": round(100 * (n - 4) / n, 2), "jaccard": round(100 * both / either, 2),
+                     "layers_agree": [round(100 * (sizes[0] - 4) / sizes[0], 1)] + [100.0] * (len(sizes) - 1)}]
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--tickets"]) == 0
+    out = capsys.readouterr().out
+    assert f"{100 * (n - 4) / n:.2f}" in out and "EB epoch a" in out
+
+
+def test_ticket_agreement_without_common_ratios_is_an_error(tmp_path, capsys):
+    (tmp_path / "a" / "tickets").mkdir(parents=True)
+    (tmp_path / "b" / "tickets").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--tickets"]) == 2
+    assert "no ticket ratio in common" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""The scripts: reproduce_eb.py stops within its time budget and finishes when run again; it skips or
+continues each step by what is on disk; bench_train.py writes its figures on a CPU."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from types import ModuleType
+
+import pytest
+import torch
+
+from ebtrain.earlybird import Ticket, channel_scores, draw_mask
+from ebtrain.models import build_model
+from ebtrain.pipeline import load_ticket, save_ticket
+
+from conftest import ROOT, TINY_FLAGS
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def reproduce(monkeypatch) -> ModuleType:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ebtrain commands it starts inherit it
+    return load_script("reproduce_eb")
+
+
+def test_reproduce_stops_within_its_budget_and_finishes_when_run_again(reproduce, tmp_path, capsys):
+    out = tmp_path / "repro"
+    # eps 0.9 with a queue of 2: the ticket emerges at epoch 2 of 4
+    argv = ["--out", str(out), *TINY_FLAGS, "--data-dir", str(tmp_path / "data"), "--epochs", "4",
+            "--ratios", "0.5", "--eps", "0.9", "--queue-length", "2", "--no-tensorboard"]
+    assert reproduce.main([*argv, "--time-budget", "3"]) == reproduce.UNFINISHED
+    assert "run me again to continue" in capsys.readouterr().out
+    assert not (out / "eb" / "summary.json").exists()
+
+    assert reproduce.main(argv) == 0
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| eb ")]
+    assert [row.split("|")[2].strip() for row in rows] == ["dense", "EB-Train", "EB re-init"]
+    assert "2.2x to 2.4x" in table and (out / "acc_vs_flops.png").stat().st_size > 1000
+    assert (out / "eb" / "retrain" / "p50-reinit" / "result.json").is_file()
+
+
+def test_reproduce_runs_only_what_is_not_on_disk(reproduce, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "run_ebtrain", lambda flags, deadline: calls.append(flags))
+    run = tmp_path / "eb"
+    reproduce.eb_train_and_baseline(run, "vgg16", ["--epochs", "4"], None)
+    assert calls.pop() == ["search", "--arch", "vgg16", "--baseline", "--out", str(run), "--epochs", "4"]
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    reproduce.eb_train_and_baseline(run, "vgg16", ["--epochs", "4"], None)
+    assert calls.pop() == ["search", "--resume", "--out", str(run)]
+    (run / "summary.json").write_text("{}")
+    reproduce.eb_train_and_baseline(run, "vgg16", [], None)
+    assert calls == []
+
+    (run / "tickets").mkdir()
+    for name in ("p30", "p50"):
+        (run / "tickets" / f"{name}.pt").write_bytes(b"")
+    (run / "retrain" / "p30-reinit").mkdir(parents=True)
+    (run / "retrain" / "p30-reinit" / "result.json").write_text("{}")
+    reproduce.eb_reinit(run, None)
+    assert calls == [["retrain", str(run / "tickets" / "p50.pt"), "--init", "reinit"]]
+
+
+def test_bench_train_writes_every_figure_on_a_cpu(tmp_path, capsys):
+    bench = load_script("bench_train")
+    out = tmp_path / "bench.json"
+    bench.main(["--arch", "vgg16", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+                "--ratios", "0.5", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["cpu_run"] and report["width"] == 0.125 and report["peak_tflops"] is None
+    assert {"device", "torch", "batch_size", "note"} <= set(report)
+    figures = report["archs"]["vgg16"]
+    for way in ("ebtrain", "reference"):
+        assert figures[way]["images_per_s"] > 0 and figures[way]["mfu"] is None
+        assert {"step_seconds", "seconds_per_epoch", "tflops_per_s"} <= set(figures[way])
+    assert figures["speedup_ebtrain_over_reference"] > 0
+    tickets = figures["tickets"]
+    assert tickets["source"] == "random BN weights" and tickets["round_channels"] == 8
+    drawn, rounded = tickets["ratios"]["p50"]["drawn"], tickets["ratios"]["p50"]["rounded"]
+    assert drawn["channels_added"] == 0 and rounded["channels"] == drawn["channels"] + rounded["channels_added"]
+    assert 0 < drawn["train_flops_ratio"] <= rounded["train_flops_ratio"] < 1
+    printed = capsys.readouterr().out
+    assert "CPU run at width 0.125" in printed and "vgg16: ebtrain" in printed
+
+
+def test_bench_train_takes_the_masks_of_given_tickets(tmp_path):
+    bench = load_script("bench_train")
+    model = build_model("vgg16", width=0.125)
+    save_ticket(Ticket(0.5, 3, draw_mask(channel_scores(model), 0.5), []), model, tmp_path)
+    ticket = load_ticket(tmp_path / "tickets" / "p50.pt")
+    bench.check_tickets([ticket], ["vgg16"])
+    dense, masks, source = bench.ticket_masks("vgg16", build_model("vgg16"), argparse.Namespace(), [ticket])
+    assert source == "ticket files" and dense.arch == model.arch
+    assert [r for r, _ in masks] == [0.5] and all(torch.equal(a, b) for a, b in zip(masks[0][1], ticket["keep"]))
+    with pytest.raises(SystemExit, match="the benchmark trains preresnet101"):
+        bench.check_tickets([ticket], ["preresnet101"])
+    with pytest.raises(SystemExit, match="for 3x8x8 images"):
+        bench.check_tickets([{**ticket, "arch": {**ticket["arch"], "image_size": 8}}], ["vgg16"])
