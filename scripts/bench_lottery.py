@@ -14,17 +14,21 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ebtrain.config import TrainConfig
-from ebtrain.models import build_model
-from ebtrain.population import Member, Population, make_optimizer, train_step
-from ebtrain.prune import prunable_weights
-from ebtrain.train import make_optimizer as module_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
+
+from ebtrain.config import TrainConfig  # noqa: E402
+from ebtrain.models import build_model  # noqa: E402
+from ebtrain.population import Member, Population, make_optimizer, train_step  # noqa: E402
+from ebtrain.prune import prunable_weights  # noqa: E402
+from ebtrain.train import make_optimizer as module_optimizer  # noqa: E402
 
 CFG = TrainConfig(optimizer="adam", lr=1.2e-3, weight_decay=0.0, batch_size=60)
 
