@@ -73,7 +73,9 @@ def run_ebtrain(flags: list[str], deadline: float | None) -> None:
         raise Interrupted
     print("$ " + shlex.join(["python", "-m", "ebtrain", *flags]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen([sys.executable, "-m", "ebtrain", *flags], env=env)
+    # the budget stops ebtrain with SIGINT, which a process started in the background (nohup, &) would
+    # otherwise inherit as ignored: the child gets Python's own Ctrl-C handling back
+    child = subprocess.Popen([sys.executable, "-m", "ebtrain", *flags], env=env, preexec_fn=_hear_sigint)
     try:
         code = child.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -85,6 +87,10 @@ def run_ebtrain(flags: list[str], deadline: float | None) -> None:
         raise Interrupted from None
     if code != 0:
         raise SystemExit(f"reproduce_eb: `python -m ebtrain {shlex.join(flags)}` failed (exit code {code})")
+
+
+def _hear_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_or_kill(child: subprocess.Popen) -> None:

@@ -212,7 +212,9 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "ebtrain", "train", *TINY_FLAGS, "--synthetic-size", "2048", "--epochs", "5",
            "--no-tensorboard", "--out", str(run)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            # as from a terminal: a suite started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoint.pt").exists():
         time.sleep(0.02)

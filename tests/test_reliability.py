@@ -156,8 +156,13 @@ def test_ctrl_c_during_a_write_lets_the_write_finish(tmp_path, monkeypatch):
 
     checkpoint.save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pt")
     monkeypatch.setattr(torch, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pt")
+    # Python's own Ctrl-C handler, also when the suite was started in the background with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pt")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert checkpoint.load(tmp_path / "checkpoint.pt") == {"epoch": 2}
     assert checkpoint.load(tmp_path / "checkpoint.pt.prev") == {"epoch": 1}
 
