@@ -19,6 +19,7 @@ from typing import NoReturn
 import torch
 
 from . import __version__, distributed
+from .host_memory import retain_freed_memory
 from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
 from .errors import UserError
 from .validate import check_model, check_ticket_fits, check_ticket_names, validate
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "search")  # EB-Train is the default command
+    retain_freed_memory()  # a CPU step reuses its buffers instead of faulting in fresh pages
     try:
         args = build_parser().parse_args(argv)
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:

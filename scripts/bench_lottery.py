@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
 
 from ebtrain.config import TrainConfig  # noqa: E402
+from ebtrain.host_memory import retain_freed_memory  # noqa: E402
 from ebtrain.models import build_model  # noqa: E402
 from ebtrain.population import Member, Population, make_optimizer, train_step  # noqa: E402
 from ebtrain.prune import prunable_weights  # noqa: E402
@@ -89,8 +90,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                        help="retain: keep freed memory for reuse, as `ebtrain` does (ebtrain.host_memory); "
+                             "default: glibc's own behaviour, for comparison")
     parser.add_argument("--out", default="bench_lottery.json")
     args = parser.parse_args()
+    retained = args.malloc == "retain" and retain_freed_memory()
     device = torch.device(args.device)
     image = (1, 28, 28) if args.arch == "lenet300_100" else (3, 32, 32)
     timing = dict(iterations=args.iterations, warmup=args.warmup)
@@ -104,7 +109,7 @@ def main() -> None:
                 "speedup_vs_plain": round(row["models"] * row["rates"][0] / plain[0], 2)} for row in rows]
     result = {
         "arch": args.arch, "batch_size": CFG.batch_size, "optimizer": CFG.optimizer,
-        "iterations_timed": args.iterations, "results": results,
+        "iterations_timed": args.iterations, "freed_memory_retained": retained, "results": results,
         "device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -46,6 +46,7 @@ from ebtrain.config import DataConfig, TrainConfig  # noqa: E402
 from ebtrain.data import CIFAR_STATS, DataBundle, ImageSet, load_data  # noqa: E402
 from ebtrain.earlybird import channel_scores, draw_mask, prunable_bns  # noqa: E402
 from ebtrain.flops import measure_cost  # noqa: E402
+from ebtrain.host_memory import retain_freed_memory  # noqa: E402
 from ebtrain.models import build_model  # noqa: E402
 from ebtrain.pipeline import dense_from_ticket, load_ticket, ratio_name  # noqa: E402
 from ebtrain.prune import kept_channels, prune_channels, round_keep  # noqa: E402
@@ -301,6 +302,7 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    retain_freed_memory()  # as `ebtrain` does, so the timings are the tool's
     env = environment(args, *device_peak(args.device, args.peak_tflops))
     cpu_run = args.device.type != "cuda"
     note = (f"CPU run at width {args.width:g}, {args.steps} timed steps: these numbers show that the script "
