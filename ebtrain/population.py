@@ -10,6 +10,14 @@ are elementwise, so this is the same as K optimizers). Otherwise each trains alo
 path, for every architecture). Both give the same results to float tolerance. Masks hold through
 training: a pruned weight starts at zero and its gradient is zeroed before every step, so it gets no
 update, momentum or weight decay.
+
+Late rounds keep a few percent of the weights, and dense products would spend nearly all their
+arithmetic on zeros. On the CPU, a batched model whose input layer is linear and keeps less than
+`SPARSE_BELOW` of its weights holds only the kept weights of that layer (`BlockSparse`): its forward
+pass is one sparse-dense product with the K networks' weights as a block-diagonal CSR matrix, its
+weight gradient is computed at the kept positions only (a sampled product), and the optimizer steps
+only those. The arithmetic is the dense path's with the zeros left out, so results agree with it to
+float tolerance.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import itertools
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -76,8 +85,69 @@ class _StackedLinear(torch.autograd.Function):
         return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
 
 
-def _stacked_layer(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """One layer of K networks on x [K, B, ...]."""
+# Density below which a batched input layer trains block-sparse on the CPU: where the sparse forward
+# product and sampled weight gradient (torch 2.14, MKL) beat the dense batched products for
+# LeNet-300-100's 784 -> 300 layer, 9 networks, batch 60 (scripts/bench_lottery.py --density).
+SPARSE_BELOW = 0.25
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+class BlockSparse:
+    """The kept positions of K stacked weights [K, out, in] as one block-diagonal CSR pattern of shape
+    [K * out, K * in]: network k's weight is the block at rows k * out.., columns k * in... Its values
+    (the kept weights, in CSR order) are what trains."""
+
+    def __init__(self, mask: torch.Tensor):
+        k, o, i = mask.nonzero(as_tuple=True)  # row-major: rows k * out + o ascend, columns within a row too
+        K, out, in_ = self.shape = tuple(mask.shape)
+        self.crow = torch.zeros(K * out + 1, dtype=torch.long, device=mask.device)
+        self.crow[1:] = torch.bincount(k * out + o, minlength=K * out).cumsum(0)
+        self.col = k * in_ + i
+        self.flat = mask.reshape(-1).nonzero().squeeze(1)  # where each value sits in the stacked weight
+
+    def values(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The kept entries of a stacked weight [K, out, in], in CSR order."""
+        return stacked.reshape(-1)[self.flat]
+
+    def stacked(self, values: torch.Tensor) -> torch.Tensor:
+        """The stacked weight [K, out, in] with `values` at the kept positions and zeros elsewhere."""
+        return values.new_zeros(self.shape).view(-1).index_copy_(0, self.flat, values).view(self.shape)
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        K, out, in_ = self.shape
+        # the pattern is valid by construction: skip the per-call index checks (and their warning)
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
+
+
+class _BlockSparseLinear(torch.autograd.Function):
+    """K linear layers with block-sparse weights on an input that needs no gradient (the first layer):
+    x [K, B, in], the kept weights `values`, bias [K, out] -> [K, B, out]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
+        K, B, in_ = x.shape
+        weight = pattern.matrix(values)
+        # one product for all K: the inputs stacked network by network down the rows, [K * in, B]
+        out = torch.sparse.mm(weight, x.transpose(1, 2).reshape(K * in_, B))
+        ctx.pattern = pattern
+        ctx.save_for_backward(x.transpose(0, 1).reshape(B, K * in_), values)  # the gradient's layout
+        return out.view(K, pattern.shape[1], B).transpose(1, 2) + bias.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inputs, values = ctx.saved_tensors
+        K, B, out = grad.shape
+        rows = grad.transpose(1, 2).reshape(K * out, B)
+        # d loss / d w[r, c] = sum_b grad[r, b] * x[c, b], computed at the kept (r, c) only
+        grad_values = torch.sparse.sampled_addmm(ctx.pattern.matrix(values), rows, inputs, beta=0.0).values()
+        return None, grad_values, grad.sum(1), None
+
+
+def _stacked_layer(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                   pattern: BlockSparse | None = None) -> torch.Tensor:
+    """One layer of K networks on x [K, B, ...]; `pattern` when its weight is held block-sparse."""
+    if pattern is not None and params["weight"].dim() == 1:
+        return _BlockSparseLinear.apply(x, params["weight"], params["bias"], pattern)
     if isinstance(layer, nn.Linear):
         return _StackedLinear.apply(x, params["weight"], params["bias"])
     if params:  # conv: vmap turns K convolutions into one grouped convolution
@@ -91,9 +161,13 @@ class Population:
     K > 1 (architectures `can_batch` accepts): one forward pass through the layers for all K networks
     with batched matrix products. K = 1: `functional_call` on `model` itself, whose buffers (BatchNorm
     statistics) it updates: the one-model path, for every architecture.
+
+    With K > 1, an input layer that is linear and keeps less than `sparse_below` of its weights (over
+    all K) is held block-sparse: `params[name]` is then the vector of its kept weights (`BlockSparse`),
+    and `snapshot` gives it back as the stacked weight.
     """
 
-    def __init__(self, model: nn.Module, members: list[Member], device: torch.device):
+    def __init__(self, model: nn.Module, members: list[Member], device: torch.device, sparse_below: float = 0.0):
         if len(members) > 1 and not can_batch(model):
             raise ValueError(f"{type(model).__name__} networks train one at a time (see can_batch)")
         self.model = model.to(device)
@@ -106,8 +180,14 @@ class Population:
                     buffer.copy_(members[0].state[name])
         self.masks = {name: torch.stack([m.masks[name] for m in members]).to(device) for name in members[0].masks}
         apply_masks(self.params, self.masks)
+        self.sparse: dict[str, BlockSparse] = {}
+        name = _input_linear_weight(model) if self.size > 1 else None
+        if name in self.masks and self.masks[name].float().mean() < sparse_below:
+            self.sparse[name] = BlockSparse(self.masks[name])
+            self.params[name] = self.sparse[name].values(self.params[name].detach()).requires_grad_()
+        self._masked = [n for n in self.masks if n not in self.sparse]  # a sparse weight holds no pruned entry
         # float copies: multiplying a gradient by a bool mask would convert the mask on every step
-        self._gradient_masks = [self.masks[n].to(self.params[n].dtype) for n in self.masks]
+        self._gradient_masks = [self.masks[n].to(self.params[n].dtype) for n in self._masked]
         self._layers = [(layer, {local: f"layers.{i}.{local}" for local, _ in layer.named_parameters()})
                         for i, layer in enumerate(model.layers)] if self.size > 1 else []
 
@@ -123,16 +203,18 @@ class Population:
         if shared:
             x = x.expand(self.size, *x.shape)
         for layer, names in self._layers:
-            x = _stacked_layer(layer, {local: params[name] for local, name in names.items()}, x)
+            x = _stacked_layer(layer, {local: params[name] for local, name in names.items()}, x,
+                               self.sparse.get(names.get("weight", "")))
         return x
 
     def mask_gradients(self) -> None:
         """Zero the gradients of pruned weights, so the optimizer leaves them (and their state) at zero."""
-        torch._foreach_mul_([self.params[n].grad for n in self.masks], self._gradient_masks)
+        torch._foreach_mul_([self.params[n].grad for n in self._masked], self._gradient_masks)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the parameters (and, for one network, its buffers)."""
-        state = {name: p.detach().clone() for name, p in self.params.items()}
+        """A copy of the parameters, every weight stacked [K, ...] (and, for one network, its buffers)."""
+        state = {name: self.sparse[name].stacked(p.detach()) if name in self.sparse else p.detach().clone()
+                 for name, p in self.params.items()}
         if self.size == 1:
             state.update({name: b.detach().clone().unsqueeze(0) for name, b in self.model.named_buffers()})
         return state
@@ -143,6 +225,15 @@ class Population:
             with torch.no_grad():
                 for name, buffer in self.model.named_buffers():
                     buffer.copy_(stacked[name][0])
+
+
+def _input_linear_weight(model: nn.Module) -> str | None:
+    """The weight's name of the first parametrized layer when it is linear: its input (the data) needs
+    no gradient, which the block-sparse layer relies on."""
+    for i, layer in enumerate(model.layers):
+        if next(layer.parameters(), None) is not None:
+            return f"layers.{i}.weight" if isinstance(layer, nn.Linear) else None
+    return None
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -277,7 +368,8 @@ def train_members(make_model: Callable[[], nn.Module], members: list[Member], da
     groups = [members] if batched and can_batch(model) else [[m] for m in members]
     records, finals, rewinds = [], [], []
     for i, group in enumerate(groups):
-        pop = Population(model if i == 0 else make_model(), group, device)
+        pop = Population(model if i == 0 else make_model(), group, device,
+                         sparse_below=SPARSE_BELOW if device.type == "cpu" else 0.0)
         label = name if len(groups) == 1 else f"{name} ({group[0].arm}, seed {group[0].seed})"
         group_records, final, rewind = train_population(pop, group, data, cfg, iterations, eval_every,
                                                         snapshot_at, label)

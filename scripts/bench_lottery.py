@@ -1,12 +1,15 @@
 """Iterations per second of lottery-ticket training: K networks trained together as one batched model
 (the path `ebtrain lottery` takes for the arms and seeds of a round), against one network alone.
 
-    python scripts/bench_lottery.py --out bench_lottery.json [--arch lenet300_100] [--models 1 9]
+    python scripts/bench_lottery.py --out bench_lottery.json [--arch lenet300_100] [--models 1 9] [--density 0.2]
 
 Times `ebtrain.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
-with its own mask (20 percent of the weights kept) and data; and, as the plain baseline, one nn.Module
-stepped by the Trainer's optimizer (`ebtrain.train.make_optimizer`) with its gradients masked. Writes
-the numbers with the hardware, versions and machine load they were measured under.
+with its own mask (--density of the weights kept) and data; and, as the plain baseline, one nn.Module
+stepped by the Trainer's optimizer (`ebtrain.train.make_optimizer`) with its gradients masked. For K > 1
+and a linear input layer it also times that layer held block-sparse (`ebtrain.population.BlockSparse`,
+which `ebtrain lottery` uses on the CPU below `SPARSE_BELOW`), so runs at several densities show where
+the sparse path starts to pay. Writes the numbers with the hardware, versions and machine load they
+were measured under.
 """
 from __future__ import annotations
 
@@ -47,26 +50,28 @@ def _rates(step: Callable[[], None], iterations: int, warmup: int, device: torch
     return iterations / (time.perf_counter() - started), iterations / (time.process_time() - cpu)
 
 
-def _network(arch: str, image: tuple[int, int, int]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _network(arch: str, image: tuple[int, int, int], density: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     model = build_model(arch, in_channels=image[0], image_size=image[1])
-    return model, {n: torch.rand(model.state_dict()[n].shape) < 0.2 for n in prunable_weights(model)}
+    return model, {n: torch.rand(model.state_dict()[n].shape) < density for n in prunable_weights(model)}
 
 
-def population_rates(arch: str, k: int, image: tuple[int, int, int], device: torch.device,
-                     **timing: int) -> tuple[float, float]:
+def population_rates(arch: str, k: int, image: tuple[int, int, int], density: float, device: torch.device,
+                     sparse: bool = False, **timing: int) -> tuple[float, float]:
     torch.manual_seed(0)
     members = [Member(seed, "ticket", model.state_dict(), masks)
-               for seed, (model, masks) in enumerate(_network(arch, image) for _ in range(k))]
-    pop = Population(build_model(arch, in_channels=image[0], image_size=image[1]), members, device)
+               for seed, (model, masks) in enumerate(_network(arch, image, density) for _ in range(k))]
+    pop = Population(build_model(arch, in_channels=image[0], image_size=image[1]), members, device,
+                     sparse_below=2.0 if sparse else 0.0)  # at any density, or at none
     optimizer = make_optimizer(list(pop.params.values()), CFG)
     x = torch.randn(k, CFG.batch_size, *image, device=device)
     y = torch.randint(10, (k, CFG.batch_size), device=device)
     return _rates(lambda: train_step(pop, optimizer, x, y), device=device, **timing)
 
 
-def plain_rates(arch: str, image: tuple[int, int, int], device: torch.device, **timing: int) -> tuple[float, float]:
+def plain_rates(arch: str, image: tuple[int, int, int], density: float, device: torch.device,
+                **timing: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    model, masks = _network(arch, image)
+    model, masks = _network(arch, image, density)
     model.to(device)
     weights = [(p, masks[n].to(device, p.dtype)) for n, p in model.named_parameters() if n in masks]
     optimizer = module_optimizer(model, CFG, device)
@@ -83,10 +88,11 @@ def plain_rates(arch: str, image: tuple[int, int, int], device: torch.device, **
     return _rates(step, device=device, **timing)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="lenet300_100")
     parser.add_argument("--models", type=int, nargs="+", default=[1, 9])
+    parser.add_argument("--density", type=float, default=0.2, help="fraction of every layer's weights kept")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--device", default="cpu")
@@ -94,21 +100,26 @@ def main() -> None:
                         help="retain: keep freed memory for reuse, as `ebtrain` does (ebtrain.host_memory); "
                              "default: glibc's own behaviour, for comparison")
     parser.add_argument("--out", default="bench_lottery.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     retained = args.malloc == "retain" and retain_freed_memory()
     device = torch.device(args.device)
     image = (1, 28, 28) if args.arch == "lenet300_100" else (3, 32, 32)
     timing = dict(iterations=args.iterations, warmup=args.warmup)
-    plain = plain_rates(args.arch, image, device, **timing)
+    plain = plain_rates(args.arch, image, args.density, device, **timing)
     rows = [{"setup": "plain nn.Module + ebtrain.train.make_optimizer", "models": 1, "rates": plain}]
     rows += [{"setup": "ebtrain.population (batched)" if k > 1 else "ebtrain.population (one network)",
-              "models": k, "rates": population_rates(args.arch, k, image, device, **timing)} for k in args.models]
+              "models": k, "rates": population_rates(args.arch, k, image, args.density, device, **timing)}
+             for k in args.models]
+    if args.arch == "lenet300_100":  # the conv nets' input layer is a convolution: no block-sparse path
+        rows += [{"setup": "ebtrain.population (batched, block-sparse input layer)", "models": k,
+                  "rates": population_rates(args.arch, k, image, args.density, device, sparse=True, **timing)}
+                 for k in args.models if k > 1]
     results = [{"setup": row["setup"], "models": row["models"], "iterations_per_second": round(row["rates"][0], 2),
                 "network_steps_per_second": round(row["models"] * row["rates"][0], 2),
                 "iterations_per_cpu_second": round(row["rates"][1], 2),  # the work itself, whatever the load
                 "speedup_vs_plain": round(row["models"] * row["rates"][0] / plain[0], 2)} for row in rows]
     result = {
-        "arch": args.arch, "batch_size": CFG.batch_size, "optimizer": CFG.optimizer,
+        "arch": args.arch, "density": args.density, "batch_size": CFG.batch_size, "optimizer": CFG.optimizer,
         "iterations_timed": args.iterations, "freed_memory_retained": retained, "results": results,
         "device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

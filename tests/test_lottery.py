@@ -12,7 +12,8 @@ from ebtrain.data import BatchLoader, load_data
 from ebtrain.earlybird import channel_scores, draw_mask
 from ebtrain.lottery import (ChannelPruning, WeightPruning, _members, eb_overlap, initial_state, lottery_rows,
                              mask_overlap, run_lottery)
-from ebtrain.population import Member, Population, make_optimizer, train_members, train_step
+from ebtrain.population import (SPARSE_BELOW, BlockSparse, Member, Population, make_optimizer, train_members,
+                                _stacked_layer, train_step)
 from ebtrain.models import build_model
 from ebtrain.prune import expected_jaccard, jaccard, prunable_weights, random_masks
 from ebtrain.report import format_rows, run_rows
@@ -156,8 +157,9 @@ def test_population_of_one_matches_a_plain_module_with_torch_optim(tmp_path, opt
         torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["lenet300_100", "conv2"])
-def test_batched_training_equals_one_at_a_time(tmp_path, arch):
+@pytest.mark.parametrize("arch,density", [("lenet300_100", 0.4), ("conv2", 0.4),
+                                          ("lenet300_100", SPARSE_BELOW / 3)])  # block-sparse input layer
+def test_batched_training_equals_one_at_a_time(tmp_path, arch, density):
     cfg = lottery_config(tmp_path, model={"arch": arch}, data={"channels": 3})
     data = load_data(cfg.data, seed=1)
 
@@ -169,8 +171,10 @@ def test_batched_training_equals_one_at_a_time(tmp_path, arch):
     for seed, arm in ((1, "ticket"), (1, "reinit"), (2, "ticket")):  # two share a data order, as arms do
         torch.manual_seed(seed * 10 + len(members))
         state = make_model().state_dict()
-        masks = {n: torch.rand(state[n].shape, generator=generator) < 0.4 for n in prunable_weights(make_model())}
+        masks = {n: torch.rand(state[n].shape, generator=generator) < density for n in prunable_weights(make_model())}
         members.append(Member(seed, arm, state, masks))
+    sparse = Population(make_model(), members, torch.device("cpu"), sparse_below=SPARSE_BELOW).sparse
+    assert list(sparse) == (["layers.1.weight"] if density < SPARSE_BELOW and arch == "lenet300_100" else [])
     run = dict(data=data, cfg=cfg.train, device=torch.device("cpu"), iterations=8, eval_every=2)
     batched = train_members(make_model, members, batched=True, **run)
     alone = train_members(make_model, members, batched=False, **run)
@@ -181,6 +185,28 @@ def test_batched_training_equals_one_at_a_time(tmp_path, arch):
     for got, want in zip(batched[1], alone[1]):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_block_sparse_layer_matches_the_masked_dense_layer():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 5, 7, generator=generator) < 0.3
+    mask[1, 2] = False  # a unit with no input left, and a network's block with rows of every kind
+    weight = torch.randn(3, 5, 7, generator=generator) * mask
+    pattern = BlockSparse(mask)
+    torch.testing.assert_close(pattern.stacked(pattern.values(weight)), weight, rtol=0, atol=0)
+    torch.testing.assert_close(pattern.matrix(pattern.values(weight)).to_dense(), torch.block_diag(*weight))
+    x = torch.randn(3, 4, 7, generator=generator)
+    bias = torch.randn(3, 5, generator=generator, requires_grad=True)
+    values = pattern.values(weight).requires_grad_()
+    dense = weight.clone().requires_grad_()
+    out = _stacked_layer(torch.nn.Linear(7, 5), {"weight": values, "bias": bias}, x, pattern)
+    want = _stacked_layer(torch.nn.Linear(7, 5), {"weight": dense, "bias": bias}, x)
+    torch.testing.assert_close(out, want)
+    g = torch.randn(3, 4, 5, generator=generator)
+    (grad_values, grad_bias) = torch.autograd.grad((out * g).sum(), (values, bias))
+    (grad_dense, grad_bias_dense) = torch.autograd.grad((want * g).sum(), (dense, bias))
+    torch.testing.assert_close(pattern.stacked(grad_values), grad_dense * mask)
+    torch.testing.assert_close(grad_bias, grad_bias_dense)
 
 
 def test_jaccard_on_constructed_masks():

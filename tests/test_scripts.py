@@ -1,5 +1,5 @@
 """The scripts: reproduce_eb.py stops within its time budget and finishes when run again; it skips or
-continues each step by what is on disk; bench_train.py writes its figures on a CPU."""
+continues each step by what is on disk; bench_train.py and bench_lottery.py write their figures on a CPU."""
 from __future__ import annotations
 
 import argparse
@@ -105,3 +105,17 @@ def test_bench_train_takes_the_masks_of_given_tickets(tmp_path):
         bench.check_tickets([ticket], ["preresnet101"])
     with pytest.raises(SystemExit, match="for 3x8x8 images"):
         bench.check_tickets([{**ticket, "arch": {**ticket["arch"], "image_size": 8}}], ["vgg16"])
+
+
+def test_bench_lottery_times_plain_batched_and_block_sparse_training(tmp_path):
+    out = tmp_path / "bench_lottery.json"
+    load_script("bench_lottery").main(["--models", "1", "3", "--density", "0.1", "--iterations", "3",
+                                       "--warmup", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["density"] == 0.1 and result["freed_memory_retained"] in (True, False)
+    assert [(r["setup"], r["models"]) for r in result["results"]] == [
+        ("plain nn.Module + ebtrain.train.make_optimizer", 1), ("ebtrain.population (one network)", 1),
+        ("ebtrain.population (batched)", 3), ("ebtrain.population (batched, block-sparse input layer)", 3)]
+    for row in result["results"]:
+        assert row["network_steps_per_second"] == pytest.approx(row["models"] * row["iterations_per_second"], rel=0.01)
+        assert row["iterations_per_second"] > 0
