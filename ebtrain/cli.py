@@ -19,9 +19,9 @@ from typing import NoReturn
 import torch
 
 from . import __version__, distributed
-from .host_memory import retain_freed_memory
 from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
 from .errors import UserError
+from .host_memory import retain_freed_memory
 from .validate import check_model, check_ticket_fits, check_ticket_names, validate
 
 COMMANDS = ("search", "train", "prune", "retrain", "lottery", "report", "models")

@@ -119,27 +119,30 @@ class BlockSparse:
         return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
 
 
+def _block_sparse_linear(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
+    """K linear layers with block-sparse weights: x [K, B, in], the kept weights `values`, bias [K, out]
+    -> [K, B, out], as one product for all K (the inputs stacked network by network down the rows)."""
+    K, B, in_ = x.shape
+    out = torch.sparse.mm(pattern.matrix(values), x.transpose(1, 2).reshape(K * in_, B))
+    return out.view(K, pattern.shape[1], B).transpose(1, 2) + bias.unsqueeze(1)
+
+
 class _BlockSparseLinear(torch.autograd.Function):
-    """K linear layers with block-sparse weights on an input that needs no gradient (the first layer):
-    x [K, B, in], the kept weights `values`, bias [K, out] -> [K, B, out]."""
+    """`_block_sparse_linear` with its backward, on an input that needs no gradient (the first layer)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
-        K, B, in_ = x.shape
-        weight = pattern.matrix(values)
-        # one product for all K: the inputs stacked network by network down the rows, [K * in, B]
-        out = torch.sparse.mm(weight, x.transpose(1, 2).reshape(K * in_, B))
-        ctx.pattern = pattern
-        ctx.save_for_backward(x.transpose(0, 1).reshape(B, K * in_), values)  # the gradient's layout
-        return out.view(K, pattern.shape[1], B).transpose(1, 2) + bias.unsqueeze(1)
+        ctx.weight = pattern.matrix(values)  # the backward's sampling pattern
+        ctx.save_for_backward(x.transpose(0, 1).reshape(x.shape[1], -1))  # [B, K * in]: the gradient's layout
+        return _block_sparse_linear(x, values, bias, pattern)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        inputs, values = ctx.saved_tensors
+        (inputs,) = ctx.saved_tensors
         K, B, out = grad.shape
         rows = grad.transpose(1, 2).reshape(K * out, B)
         # d loss / d w[r, c] = sum_b grad[r, b] * x[c, b], computed at the kept (r, c) only
-        grad_values = torch.sparse.sampled_addmm(ctx.pattern.matrix(values), rows, inputs, beta=0.0).values()
+        grad_values = torch.sparse.sampled_addmm(ctx.weight, rows, inputs, beta=0.0).values()
         return None, grad_values, grad.sum(1), None
 
 
@@ -147,7 +150,9 @@ def _stacked_layer(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.T
                    pattern: BlockSparse | None = None) -> torch.Tensor:
     """One layer of K networks on x [K, B, ...]; `pattern` when its weight is held block-sparse."""
     if pattern is not None and params["weight"].dim() == 1:
-        return _BlockSparseLinear.apply(x, params["weight"], params["bias"], pattern)
+        # evaluation builds no graph, so it skips the copy of x the backward would need
+        block = _BlockSparseLinear.apply if torch.is_grad_enabled() else _block_sparse_linear
+        return block(x, params["weight"], params["bias"], pattern)
     if isinstance(layer, nn.Linear):
         return _StackedLinear.apply(x, params["weight"], params["bias"])
     if params:  # conv: vmap turns K convolutions into one grouped convolution
