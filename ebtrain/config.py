@@ -77,6 +77,9 @@ class SearchConfig:
     eb_rule: str = _field("paper", "paper: max of the FIFO queue of consecutive-epoch distances below eps; "
                           "reference: newest mask within eps of each older mask in the window",
                           ("paper", "reference"))
+    min_keep: float = _field(0.0, "fraction of each prunable layer's channels that every mask keeps, its "
+                             "highest-scored ones, with the rest of the ratio's pruning taken from the other "
+                             "layers (0: the paper's global ranking, which keeps at least one per layer)")
     sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)")
     max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)")
     precision: str = _field("fp32", "arithmetic of the search: fp32, or bfp8 (simulated block floating point "

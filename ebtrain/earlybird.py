@@ -61,8 +61,8 @@ class ChannelMask:
 
     keep: bool [N], True = kept; the layers' channels concatenated in layer order.
     sizes: channels per layer; they sum to N.
-    kept_back: how many channels the keep-one-per-layer rule protected that the plain global ranking
-        would have pruned (see `draw_mask`).
+    kept_back: how many channels the per-layer floor (at least one, or `min_keep` of the layer) protected
+        that the plain global ranking would have pruned (see `draw_mask`).
     Two masks compare equal when all three fields are equal.
     """
 
@@ -102,22 +102,26 @@ class ChannelMask:
         return int((~self.keep).sum())
 
 
-def draw_mask(scores: Sequence[torch.Tensor], ratio: float) -> ChannelMask:
-    """Prune the floor(ratio * N) globally smallest channel scores, keeping one channel per layer.
+def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.0) -> ChannelMask:
+    """Prune the floor(ratio * N) globally smallest channel scores, keeping a floor of channels per layer.
 
     All N channels are ranked together by (score, layer index, channel index), ascending, so ties
     (e.g. all gammas 0.5 at initialization) break by position and the pruned count is exact whatever
-    the values. Each layer's highest-ranked channel (its largest score; ties: the highest channel index,
-    the last the ranking would reach) is protected and never pruned; the floor(ratio * N) lowest-ranked
-    unprotected channels are pruned instead, so the count stays exact. `kept_back` counts the
-    protected channels that the plain ranking would have pruned, i.e. the layers it would have emptied. If
-    floor(ratio * N) exceeds the N - num_layers unprotected channels, all of those are pruned and
-    `num_pruned` falls short of floor(ratio * N); the shortfall is among the `kept_back` channels.
+    the values. Each layer's max(1, ceil(min_keep * its channels)) highest-ranked channels (its largest
+    scores; ties: the highest channel indices, the last the ranking would reach) are protected and never
+    pruned; the floor(ratio * N) lowest-ranked unprotected channels are pruned instead, so the count
+    stays exact. With min_keep 0 (the paper's global ranking) that protects one channel per layer, so no
+    layer is emptied; a min_keep of 0.1 keeps at least a tenth of every layer, which spares a narrow
+    network the one- to five-channel layers that the global ranking can leave at high ratios.
+    `kept_back` counts the protected channels that the plain ranking would have pruned. If
+    floor(ratio * N) exceeds the unprotected channels, all of those are pruned and `num_pruned` falls
+    short of floor(ratio * N); the shortfall is among the `kept_back` channels.
 
     Scores must be finite: NaN or inf gammas mean training diverged and no ranking is meaningful.
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
+    _check_min_keep(min_keep)
     if not scores:
         raise ValueError("no layers to draw a mask from")
     sizes = tuple(int(s.numel()) for s in scores)
@@ -135,13 +139,22 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float) -> ChannelMask:
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n)
     protected = torch.zeros(n, dtype=torch.bool)
-    protected[starts + torch.stack([r.argmax() for r in rank.split(list(sizes))])] = True
+    for start, size, layer_rank in zip(starts.tolist(), sizes, rank.split(list(sizes))):
+        # the tolerance keeps float products such as 0.1 * 30 = 3.0000000000000004 from rounding up
+        floor = max(1, math.ceil(min_keep * size - 1e-9))
+        protected[start + layer_rank.topk(floor).indices] = True
 
     unprotected_order = order[~protected[order]]
     keep = torch.ones(n, dtype=torch.bool)
     keep[unprotected_order[:num_to_prune]] = False
     kept_back = int(protected[order[:num_to_prune]].sum())
     return ChannelMask(keep=keep, sizes=sizes, kept_back=kept_back)
+
+
+def _check_min_keep(min_keep: float) -> None:
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep {min_keep} is outside the allowed range [0, 1): "
+                         "it is the fraction of each layer's channels a mask always keeps")
 
 
 def _keep_vector(mask: ChannelMask | torch.Tensor) -> torch.Tensor:
@@ -208,6 +221,8 @@ class EarlyBird:
     rule "reference" (the authors' code): a window of the last `queue_length` masks; the ticket emerges
         when the window is full and the newest mask is within eps (d < eps, strict like the paper rule;
         the original code tests d <= eps) of each older mask. Takes at least `queue_length` masks.
+    min_keep: the fraction of each layer's channels every mask keeps (see `draw_mask`); 0, the paper's
+        global ranking, keeps at least one.
 
     Epochs are labels, not counters: `step()` with no argument continues from the previous label + 1
     (the first call is 0, meant for the initialization). A loop that skips the initialization mask
@@ -216,7 +231,7 @@ class EarlyBird:
     """
 
     def __init__(self, model: nn.Module, ratios: Sequence[float] = (0.3, 0.5, 0.7), eps: float = 0.1,
-                 queue_length: int = 5, rule: str = "paper") -> None:
+                 queue_length: int = 5, rule: str = "paper", min_keep: float = 0.0) -> None:
         ratios = [float(r) for r in ratios]
         if not ratios:
             raise ValueError("ratios is empty: give at least one pruning ratio in (0, 1)")
@@ -231,11 +246,13 @@ class EarlyBird:
             raise ValueError(f"queue_length {queue_length!r} is not allowed: it must be an integer >= 2")
         if rule not in RULES:
             raise ValueError(f"rule {rule!r} is not allowed: choose one of {', '.join(RULES)}")
+        _check_min_keep(min_keep)
         self.model = model
         self.ratios = tuple(ratios)
         self.eps = float(eps)
         self.queue_length = queue_length
         self.rule = rule
+        self.min_keep = float(min_keep)
         self._epochs: list[int] = []
         self._tracks = {r: _Track(r) for r in self.ratios}
 
@@ -245,7 +262,7 @@ class EarlyBird:
         """Draw and record the mask of every ratio now; return the tickets that emerged at this call."""
         epoch = self._next_epoch(epoch)
         scores = channel_scores(self.model)
-        masks = {r: draw_mask(scores, r) for r in self.ratios}
+        masks = {r: draw_mask(scores, r, self.min_keep) for r in self.ratios}
         return self._record(epoch, masks)
 
     def _next_epoch(self, epoch: int | None) -> int:
@@ -353,7 +370,7 @@ class EarlyBird:
                 "kept_back": mask.kept_back if mask else None,
             }
         return {"rule": self.rule, "eps": self.eps, "queue_length": self.queue_length,
-                "epochs_recorded": len(self._epochs), "ratios": ratios}
+                "min_keep": self.min_keep, "epochs_recorded": len(self._epochs), "ratios": ratios}
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -369,6 +386,7 @@ class EarlyBird:
             "eps": self.eps,
             "queue_length": self.queue_length,
             "rule": self.rule,
+            "min_keep": self.min_keep,
             "epochs": list(self._epochs),
             "sizes": sizes,
             "keep": [torch.stack([m.keep.cpu() for m in t.masks]) if t.masks
@@ -387,7 +405,9 @@ class EarlyBird:
         if state.get("version") != 1:
             raise ValueError(f"unsupported EarlyBird state version {state.get('version')!r} (expected 1)")
         saved = {"ratios": tuple(float(r) for r in state["ratios"]), "eps": float(state["eps"]),
-                 "queue_length": int(state["queue_length"]), "rule": state["rule"]}
+                 "queue_length": int(state["queue_length"]), "rule": state["rule"],
+                 # states saved before the per-layer floor existed drew with the floor of one channel
+                 "min_keep": float(state.get("min_keep", 0.0))}
         for name, value in saved.items():
             if value != getattr(self, name):
                 raise ValueError(f"saved detector has {name}={value!r} "

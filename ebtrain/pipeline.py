@@ -234,7 +234,8 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     if distributed.is_main() and not (run_dir / INIT_FILE).exists():
         checkpoint.atomic_save(model.state_dict(), run_dir / INIT_FILE)
     s = cfg.search
-    detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule)
+    detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
+                         min_keep=s.min_keep)
     max_epochs = s.max_search_epochs or cfg.train.epochs
     meter = _cost_meter(model, cfg, data)  # before BFP hooks attach: FLOPs are counted at full precision
     hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []

@@ -25,6 +25,7 @@ def validate(cfg: Config) -> None:
         (len(ratios) > 0, "--ratios: give at least one pruning ratio in (0, 1)"),
         (all(0 < r < 1 for r in ratios), f"--ratios {_values(ratios)}: each must lie in (0, 1)"),
         (0 < cfg.search.eps < 1, f"--eps {cfg.search.eps}: must lie in (0, 1)"),
+        (0 <= cfg.search.min_keep < 1, f"--min-keep {cfg.search.min_keep}: must lie in [0, 1)"),
         (cfg.search.queue_length >= 2, f"--queue-length {cfg.search.queue_length}: must be at least 2"),
         (cfg.search.sparsity >= 0, f"--sparsity {cfg.search.sparsity}: must be 0 or more"),
         (cfg.search.max_search_epochs >= 0, f"--max-search-epochs {cfg.search.max_search_epochs}: must be 0 or more"),

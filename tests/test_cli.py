@@ -73,6 +73,7 @@ BAD_INPUTS = [
     pytest.param(["--ratios", "0.3", "0.3"], "--ratios 0.3 0.3: each ratio once", None, id="ratio-twice"),
     pytest.param(["--eps", "0"], "--eps 0.0: must lie in (0, 1)", None, id="eps-0"),
     pytest.param(["--queue-length", "1"], "--queue-length 1: must be at least 2", None, id="queue-1"),
+    pytest.param(["--min-keep", "1"], "--min-keep 1.0: must lie in [0, 1)", None, id="min-keep-1"),
     pytest.param(["--epochs", "0"], "--epochs 0: must be positive", None, id="epochs-0"),
     pytest.param(["--batch-size", "-4"], "--batch-size -4: must be positive", None, id="batch-negative"),
     pytest.param(["--milestones", "200"], "--milestones 200: each must be a fraction in (0, 1) or a whole epoch "

@@ -61,11 +61,14 @@ def plain_ranking(flat: list[float]) -> list[int]:
     return sorted(range(len(flat)), key=lambda i: (flat[i], i))
 
 
-def protected_indices(scores: list[torch.Tensor]) -> set[int]:
+def protected_indices(scores: list[torch.Tensor], min_keep: float = 0.0) -> set[int]:
+    """Each layer's max(1, ceil(min_keep * size)) largest scores; among ties the highest indices."""
     out, start = set(), 0
     for s in scores:
         values = s.tolist()
-        out.add(start + len(values) - 1 - values[::-1].index(max(values)))  # highest index among ties
+        floor = max(1, math.ceil(round(min_keep * len(values), 9)))
+        by_rank = sorted(range(len(values)), key=lambda i: (values[i], i), reverse=True)
+        out.update(start + i for i in by_rank[:floor])
         start += len(values)
     return out
 
@@ -74,23 +77,25 @@ def protected_indices(scores: list[torch.Tensor]) -> set[int]:
 @given(data=st.data(),
        sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6),
        ratio=st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
-       tie_heavy=st.booleans())
-def test_draw_mask_prunes_exactly_the_global_ranking(data, sizes, ratio, tie_heavy):
+       tie_heavy=st.booleans(),
+       min_keep=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9]))
+def test_draw_mask_prunes_exactly_the_global_ranking(data, sizes, ratio, tie_heavy, min_keep):
     # Tie-heavy scores come from a handful of values so ties within and across layers are common.
     values = st.sampled_from([0.0, 0.25, 0.5]) if tie_heavy else st.floats(0.0, 10.0)
     scores = [torch.tensor(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=torch.float32)
               for n in sizes]
-    mask = draw_mask(scores, ratio)
+    mask = draw_mask(scores, ratio, min_keep)
     n, k = sum(sizes), math.floor(ratio * sum(sizes))
     flat = torch.cat(scores).tolist()
-    protected = protected_indices(scores)
+    protected = protected_indices(scores, min_keep)
     pruned = [i for i in range(n) if not mask.keep[i]]
     kept_free = [i for i in range(n) if mask.keep[i] and i not in protected]
 
     assert mask.sizes == tuple(sizes)
-    assert mask.num_pruned == len(pruned) == min(k, n - len(sizes))
+    assert mask.num_pruned == len(pruned) == min(k, n - len(protected))
     assert all(mask.keep[i] for i in protected)
-    assert all(kept >= 1 for kept in mask.kept_per_layer())
+    assert all(kept >= max(1, math.ceil(round(min_keep * size, 9)))
+               for kept, size in zip(mask.kept_per_layer(), sizes))
     # Every pruned channel ranks below every unprotected kept one by (score, position).
     if pruned and kept_free:
         assert max((flat[i], i) for i in pruned) < min((flat[i], i) for i in kept_free)
@@ -143,6 +148,49 @@ def test_layer_with_all_smallest_gammas_keeps_its_largest():
     assert mask.per_layer()[1].tolist() == [False, True, True, True, True, True]
     assert mask.kept_back == 1
     assert mask.kept_per_layer() == [1, 5]
+
+
+def test_min_keep_moves_the_pruning_of_a_starved_layer_to_the_others():
+    # The plain ranking at 0.5 would empty the first layer; the default floor keeps its largest channel.
+    scores = [torch.tensor([0.01, 0.02, 0.03, 0.04]), torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])]
+    assert draw_mask(scores, 0.5).kept_per_layer() == [1, 4]
+    mask = draw_mask(scores, 0.5, min_keep=0.5)
+    assert mask.num_pruned == 5
+    assert mask.per_layer()[0].tolist() == [False, False, True, True]
+    assert mask.per_layer()[1].tolist() == [False, False, False, True, True, True]
+    assert mask.kept_back == 2  # channels 2 and 3 of the first layer, which the plain ranking prunes
+
+
+def test_min_keep_floor_is_exact_for_fractions_that_floats_round_up():
+    # 0.1 * 30 is 3.0000000000000004 in floating point: the floor is 3 channels, not 4.
+    scores = [torch.linspace(0.01, 0.3, 30), torch.linspace(1.0, 2.0, 30)]
+    mask = draw_mask(scores, 0.9, min_keep=0.1)
+    assert mask.kept_per_layer() == [3, 3]
+    assert mask.num_pruned == 54
+
+
+@pytest.mark.parametrize("min_keep", [-0.1, 1.0, float("nan")])
+def test_draw_mask_rejects_min_keep_outside_its_range(min_keep):
+    with pytest.raises(ValueError, match="min_keep"):
+        draw_mask([torch.ones(4)], 0.5, min_keep)
+
+
+def test_detector_draws_with_its_min_keep_and_saves_it():
+    model = TwoBN()
+    model.set_gammas([0.01, 0.02, 0.03, 0.04, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    detector = EarlyBird(model, ratios=[0.5], min_keep=0.5)
+    detector.step()
+    assert detector.masks(0.5)[-1].kept_per_layer() == [2, 3]
+    assert detector.summary()["min_keep"] == 0.5
+    state = detector.state_dict()
+    with pytest.raises(ValueError, match="min_keep"):
+        EarlyBird(model, ratios=[0.5]).load_state_dict(state)
+    resumed = EarlyBird(model, ratios=[0.5], min_keep=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.masks(0.5) == detector.masks(0.5)
+    # a state saved before the floor existed was drawn with the floor of one channel
+    del state["min_keep"]
+    EarlyBird(model, ratios=[0.5]).load_state_dict(state)
 
 
 def test_draw_mask_is_deterministic_and_leaves_scores_alone():
@@ -460,6 +508,7 @@ def test_queries_before_and_after_steps_and_summary_is_json():
     ({"queue_length": 1}, "queue_length 1"),
     ({"queue_length": 2.5}, "queue_length 2.5"),
     ({"rule": "mine"}, "paper, reference"),
+    ({"min_keep": 1.0}, "min_keep 1.0"),
 ])
 def test_constructor_validates_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

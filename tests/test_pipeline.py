@@ -73,3 +73,14 @@ def test_killed_search_resumes_to_the_same_ticket(tmp_path):
     assert a["epoch"] == b["epoch"]
     assert all(torch.equal(x, y) for x, y in zip(a["keep"], b["keep"]))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_search_min_keep_reaches_the_ticket(tmp_path):
+    cfg = tiny_config(tmp_path, search={"ratios": [0.9], "eps": 0.9, "queue_length": 2, "retrain": False,
+                                        "min_keep": 0.5})
+    summary = eb_train(cfg, prepare_run_dir(cfg))
+    assert summary["search"]["detector"]["min_keep"] == 0.5
+    ticket = checkpoint.load(tmp_path / "run" / "tickets" / "p90.pt")
+    kept = [int(k.sum()) for k in ticket["keep"]]
+    # a 0.9 global ranking keeps a tenth of the channels; the floor keeps half of every layer
+    assert all(k >= (len(layer) + 1) // 2 for k, layer in zip(kept, ticket["keep"]))
