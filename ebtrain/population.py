@@ -119,12 +119,13 @@ class BlockSparse:
         return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
 
 
-def _block_sparse_linear(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
-    """K linear layers with block-sparse weights: x [K, B, in], the kept weights `values`, bias [K, out]
-    -> [K, B, out], as one product for all K (the inputs stacked network by network down the rows)."""
+def _block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """K linear layers with block-sparse weights: x [K, B, in], `weight` the block-diagonal CSR matrix
+    [K * out, K * in] (`BlockSparse.matrix`), bias [K, out] -> [K, B, out], as one product for all K
+    (the inputs stacked network by network down the rows)."""
     K, B, in_ = x.shape
-    out = torch.sparse.mm(pattern.matrix(values), x.transpose(1, 2).reshape(K * in_, B))
-    return out.view(K, pattern.shape[1], B).transpose(1, 2) + bias.unsqueeze(1)
+    out = torch.sparse.mm(weight, x.transpose(1, 2).reshape(K * in_, B))
+    return out.view(K, -1, B).transpose(1, 2) + bias.unsqueeze(1)
 
 
 class _BlockSparseLinear(torch.autograd.Function):
@@ -132,9 +133,9 @@ class _BlockSparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
-        ctx.weight = pattern.matrix(values)  # the backward's sampling pattern
+        ctx.weight = pattern.matrix(values)  # the forward's product, then the backward's sampling pattern
         ctx.save_for_backward(x.transpose(0, 1).reshape(x.shape[1], -1))  # [B, K * in]: the gradient's layout
-        return _block_sparse_linear(x, values, bias, pattern)
+        return _block_sparse_linear(x, ctx.weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -149,10 +150,12 @@ class _BlockSparseLinear(torch.autograd.Function):
 def _stacked_layer(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                    pattern: BlockSparse | None = None) -> torch.Tensor:
     """One layer of K networks on x [K, B, ...]; `pattern` when its weight is held block-sparse."""
+    # a snapshot passed as params holds the weight stacked [K, out, in]: that takes the dense path
     if pattern is not None and params["weight"].dim() == 1:
+        if torch.is_grad_enabled():
+            return _BlockSparseLinear.apply(x, params["weight"], params["bias"], pattern)
         # evaluation builds no graph, so it skips the copy of x the backward would need
-        block = _BlockSparseLinear.apply if torch.is_grad_enabled() else _block_sparse_linear
-        return block(x, params["weight"], params["bias"], pattern)
+        return _block_sparse_linear(x, pattern.matrix(params["weight"]), params["bias"])
     if isinstance(layer, nn.Linear):
         return _StackedLinear.apply(x, params["weight"], params["bias"])
     if params:  # conv: vmap turns K convolutions into one grouped convolution
