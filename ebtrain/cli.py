@@ -263,8 +263,21 @@ def _lottery(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `ebtrain` and `python -m ebtrain`; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of `ebtrain` and `python -m ebtrain`; returns the exit code. A process that joined
+    torchrun's process group ends here with that code instead (see `distributed.end_process`)."""
+    try:
+        code = _command(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        in_group = distributed.is_distributed()
+        distributed.teardown()
+    if in_group:
+        distributed.end_process(code)
+    return code
+
+
+def _command(argv: list[str]) -> int:
+    """Parse `argv`, join torchrun's process group if it started this process, and run the command;
+    the exit code, with bad input and interruptions reported in one line."""
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "search")  # EB-Train is the default command
     retain_freed_memory()  # a CPU step reuses its buffers instead of faulting in fresh pages
@@ -285,6 +298,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ebtrain: interrupted; continue with --resume --out RUN_DIR", file=sys.stderr)
         return 130
-    finally:
-        distributed.teardown()
     return 0

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Any, Callable, Iterator, TypeVar
+import sys
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,22 @@ def teardown() -> None:
     """Leave the process group, if this process is in one."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with exit status `code` at once, skipping the interpreter's finalization; for a
+    process that was in a gloo process group, after `teardown()`.
+
+    A gloo worker thread can still be releasing the tensors of the last collective when the interpreter
+    finalizes: the release needs the GIL, a finalizing interpreter no longer grants it, and the process
+    aborts ("terminate called without an active exception", exit -6) after a finished run, so torchrun
+    reports a failure. Joining those threads first is not possible: DistributedDataParallel keeps the
+    process group alive past destroy_process_group. Everything ebtrain writes is closed by the time
+    a run returns; stdout and stderr are flushed here.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -92,6 +92,7 @@ def main() -> None:
     if distributed.is_main():
         (out / "report.json").write_text(json.dumps(report, indent=1))
     distributed.teardown()
+    distributed.end_process(0)  # as ebtrain's own entry point ends a process that was in a group
 
 
 if __name__ == "__main__":

@@ -109,6 +109,16 @@ def test_one_process_commands_refuse_torchrun(command, monkeypatch, capsys):
     assert not distributed.is_distributed()
 
 
+def test_a_process_that_was_in_a_group_ends_without_finalizing(monkeypatch, capsys):
+    # past the interpreter's finalization a gloo thread can abort a finished run (distributed.end_process)
+    ended = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "teardown", lambda: ended.append("left the group"))
+    monkeypatch.setattr(os, "_exit", lambda code: ended.append(code))
+    assert main(["models"]) == 0
+    assert ended == ["left the group", 0] and "vgg16" in capsys.readouterr().out
+
+
 def loader_batches(data, batch_size, **kwargs):
     loader = BatchLoader(data, batch_size, mean=(0.5,), std=(0.25,), seed=3, **kwargs)
     loader.set_epoch(2)
