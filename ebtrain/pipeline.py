@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, distributed
-from .config import Config
+from .config import Config, rounding_multiple
 from .data import DataBundle, load_data
 from .earlybird import EarlyBird, Ticket, channel_scores, prunable_bns
 from .errors import UserError
@@ -286,7 +286,8 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     done = _finished(out_dir)
     if done is not None:
         return done
-    ticket = round_ticket(load_ticket(ticket_path), cfg.search.round_channels)  # the EB mask stays on disk
+    multiple = rounding_multiple(cfg.search, device.type)
+    ticket = round_ticket(load_ticket(ticket_path), multiple)  # the EB mask stays on disk
     dense, pruned = pruned_from_ticket(ticket)
     start = ticket["epoch"]
     if init == "reinit":
@@ -313,7 +314,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
-                  round_channels=cfg.search.round_channels, channels_rounded_added=ticket["channels_rounded_added"],
+                  round_channels=multiple, channels_rounded_added=ticket["channels_rounded_added"],
                   params_dense=count_params(dense), params_pruned=count_params(pruned))
     _save_phase(result, trainer.model, out_dir, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import TrainConfig, resolve_milestones
+from .config import TrainConfig, compile_step, resolve_milestones
 from .data import BatchLoader, DataBundle
 from .errors import UserError
 from .monitor import Monitor
@@ -128,6 +129,49 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
 
 
+def configure_cuda(deterministic: bool) -> None:
+    """The numerical choices of CUDA training, set explicitly rather than inherited: cuDNN picks its
+    algorithms by heuristics (no benchmarking, whose choice can differ from run to run); with
+    `deterministic` cuDNN and cuBLAS use only deterministic algorithms, so a run repeats bit for bit.
+    TF32 stays at PyTorch's defaults (on for cuDNN convolutions, off for matrix products); under bf16
+    autocast the convolutions and linear layers run in bf16 anyway."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it must be set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+class _FirstCallTimer:
+    """Seconds spent in the first call of each part of the step at each batch shape: with a compiled step
+    the calls that compile (and on CUDA capture a graph), which the phase's seconds include. The device
+    is synchronized around those calls only."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seen: set[tuple] = set()
+        self.seconds = 0.0
+
+    def call(self, shape: tuple, fn, *args):
+        """fn(*args), timed if it is the first call of `fn` on a batch of this shape."""
+        key = (getattr(fn, "__name__", id(fn)), shape)
+        if key in self.seen:
+            return fn(*args)
+        self.seen.add(key)
+        _synchronize(self.device)
+        started = time.perf_counter()
+        out = fn(*args)
+        _synchronize(self.device)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Trainer:
     """Trains `model` on `data` over global epochs [start_epoch, end_epoch) of the schedule in `cfg`.
 
@@ -149,10 +193,19 @@ class Trainer:
         self.device = device
         self.model = model.to(device)
         if device.type == "cuda":
+            configure_cuda(cfg.deterministic)
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = distributed.data_parallel(self.model, device, sync_bn=cfg.sync_bn)
-        if cfg.compile:
-            self.step_model = torch.compile(self.step_model)
+        self.compiled = compile_step(cfg, device.type)
+        self._forward, self._update, self.eval_model = self._forward_loss, self._apply_update, self.step_model
+        if self.compiled:
+            # reduce-overhead: CUDA graphs, captured at the first call of each batch shape and replayed
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._forward = torch.compile(self._forward_loss, mode=mode, dynamic=False)
+            self._update = torch.compile(self._apply_update, mode=mode, dynamic=False)
+            self.eval_model = torch.compile(self.step_model, mode=mode, dynamic=False)
+        self._first_calls = _FirstCallTimer(device)
+        self._compile_seconds_before = 0.0
         self.hooks = list(hooks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.start_epoch = start_epoch
@@ -173,6 +226,11 @@ class Trainer:
         self.val_loader = BatchLoader(data.val, cfg.eval_batch_size, **norm) if data.val is not None else None
         self.monitor = Monitor(self.out_dir if tensorboard and distributed.is_main() else None)
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds of the phase's first calls at each batch shape, in this process and those it resumed."""
+        return self._compile_seconds_before + self._first_calls.seconds
+
     # ---- checkpointing -------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
@@ -181,13 +239,14 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "steps": self.steps, "seconds": self.seconds,
-                "history": self.history, "hooks": [h.state_dict() for h in self.hooks],
+                "compile_seconds": self.compile_seconds, "history": self.history, "hooks": [h.state_dict() for h in self.hooks],
                 "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.steps, self.seconds = state["epoch"], state["steps"], state["seconds"]
+        self._compile_seconds_before = state.get("compile_seconds", 0.0)  # what earlier processes spent
         self.history = state["history"]
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
@@ -240,30 +299,27 @@ class Trainer:
                    disable=not self.progress, leave=False, file=sys.stderr)
         first_bad_step = torch.zeros((), device=self.device, dtype=torch.long)  # 1-based; 0: every loss finite
         for step, (x, y) in enumerate(bar, 1):
-            with _autocast(self.device):
-                out = self.step_model(_layout(x))
-                loss = F.cross_entropy(out.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for hook in self.hooks:
-                hook.after_backward(self)
-            self.optimizer.step()
-            for hook in self.hooks:
-                hook.after_step(self)
+            if self.compiled and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+            shape = tuple(x.shape)
+            loss, step_correct = self._first_calls.call(shape, self._forward, x, y)
             # accumulate on the device: no host synchronization inside the step
             loss_sum += loss.detach() * y.numel()
-            correct += (out.argmax(1) == y).sum()
+            correct += step_correct
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._first_calls.call(shape, loss.backward)
+            self._first_calls.call(shape, self._update)
             self.steps += 1
         n = self.train_loader.num_samples
         metrics = {"epoch": e + 1, "lr": lr, "train_loss": distributed.all_reduce_sum(loss_sum).item() / n,
                    "train_acc": distributed.all_reduce_sum(correct).item() / n}
         # checked before the hooks and the checkpoint see the weights: a diverged epoch is never saved
         self._stop_if_diverged("training", metrics["train_loss"], int(first_bad_step), lr)
-        metrics["test_loss"], metrics["test_acc"] = evaluate(self.step_model, self.test_loader)
+        metrics["test_loss"], metrics["test_acc"] = self._evaluate(self.test_loader)
         self._stop_if_diverged("test", metrics["test_loss"], 0, lr)
         if self.val_loader is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(self.step_model, self.val_loader)
+            metrics["val_loss"], metrics["val_acc"] = self._evaluate(self.val_loader)
         seconds = time.perf_counter() - started
         self.seconds += seconds
         metrics.update(seconds=seconds, steps=self.steps)
@@ -281,6 +337,25 @@ class Trainer:
                   f"train {100 * metrics['train_acc']:.1f}% test {100 * metrics['test_acc']:.2f}% "
                   f"lr {lr:.4g} ({seconds:.1f}s)", file=sys.stderr, flush=True)
 
+    def _evaluate(self, loader: BatchLoader) -> tuple[float, float]:
+        """`evaluate` with the compiled model when the step is compiled (its first call timed)."""
+        return self._first_calls.call(("eval", loader.batch_size), evaluate, self.eval_model, loader)
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward: (mean cross-entropy loss, number of correct predictions)."""
+        with _autocast(self.device):
+            out = self.step_model(_layout(x))
+            loss = F.cross_entropy(out.float(), y)
+        return loss, (out.argmax(1) == y).sum()
+
+    def _apply_update(self) -> None:
+        """The step after backward: the hooks that edit gradients, the optimizer, the hooks after it."""
+        for hook in self.hooks:
+            hook.after_backward(self)
+        self.optimizer.step()
+        for hook in self.hooks:
+            hook.after_step(self)
+
     def _stop_if_diverged(self, which: str, loss: float, step: int, lr: float) -> None:
         """UserError if `loss` (the epoch's `which` loss) is not finite; `step`: the epoch's first step whose
         loss was not (1-based), 0 if unknown."""
@@ -294,8 +369,10 @@ class Trainer:
                         "8-bit search")
 
     def result(self) -> dict:
-        """Final and best test accuracy, epochs trained, steps and seconds (JSON-able)."""
+        """Final and best test accuracy, epochs trained, steps and seconds (JSON-able); with a compiled
+        step, `compile_seconds`: the part of `seconds` spent in the calls that compiled and captured."""
         accs = [m["test_acc"] for m in self.history]
         return {"epochs_trained": len(self.history), "first_epoch": self.start_epoch + 1,
                 "last_epoch": self.epoch, "steps": self.steps, "seconds": self.seconds,
+                "compiled": self.compiled, "compile_seconds": self.compile_seconds if self.compiled else None,
                 "final_test_acc": accs[-1] if accs else None, "best_test_acc": max(accs) if accs else None}

@@ -30,7 +30,8 @@ def validate(cfg: Config) -> None:
         (cfg.search.sparsity >= 0, f"--sparsity {cfg.search.sparsity}: must be 0 or more"),
         (cfg.search.max_search_epochs >= 0, f"--max-search-epochs {cfg.search.max_search_epochs}: must be 0 or more"),
         (2 <= cfg.search.bits <= 24, f"--bits {cfg.search.bits}: must lie between 2 and 24"),
-        (cfg.search.round_channels >= 1, f"--round-channels {cfg.search.round_channels}: must be 1 or more"),
+        (cfg.search.round_channels >= 0, f"--round-channels {cfg.search.round_channels}: must be 1 or more, or 0 "
+                                          "(auto)"),
         (cfg.search.precision == "fp32" or cfg.train.optimizer == "sgd",
          f"--precision {cfg.search.precision} rounds SGD's momentum: use --optimizer sgd"),
         (cfg.train.epochs > 0, f"--epochs {cfg.train.epochs}: must be positive"),
