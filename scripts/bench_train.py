@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
 
-from ebtrain.config import DataConfig, TrainConfig  # noqa: E402
+from ebtrain.config import GPU_ROUND_CHANNELS, DataConfig, TrainConfig  # noqa: E402
 from ebtrain.data import CIFAR_STATS, DataBundle, ImageSet, load_data  # noqa: E402
 from ebtrain.earlybird import channel_scores, draw_mask, prunable_bns  # noqa: E402
 from ebtrain.flops import measure_cost  # noqa: E402
@@ -61,7 +61,9 @@ LR = 0.01  # the speed does not depend on it; smaller than the recipe's 0.1 so r
 PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200 NVL", 835.0),
                     ("H200", 989.0), ("A100", 312.0))
 GPU_DEFAULTS = {"width": 1.0, "steps": 50, "warmup": 10}
-CPU_DEFAULTS = {"width": 0.125, "steps": 2, "warmup": 1}
+CPU_DEFAULTS = {"width": 0.125, "steps": 3, "warmup": 3}
+MODES = ("eager", "captured")
+CAPTURE_WARMUP = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes of the reference loop")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7],
                    help="pruning ratios of the masks drawn from random BN weights")
-    p.add_argument("--round-channels", type=int, default=8, help="the multiple pruned layers are rounded up to")
+    p.add_argument("--round-channels", type=int, nargs="+", default=[GPU_ROUND_CHANNELS],
+                   help="the multiples pruned layers are rounded up to, one row each (default: ebtrain's CUDA "
+                   f"default, {GPU_ROUND_CHANNELS})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="ebtrain's step: eager, and captured (compiled; on CUDA replayed as CUDA graphs)")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps of the dense network traced by "
+                   "torch.profiler in each mode, for the top kernels and the device's idle share (0: none)")
     p.add_argument("--ticket", nargs="+", default=[], help="ticket files (RUN/tickets/pNN.pt) to time instead "
                    "of masks drawn from random BN weights, for the architecture they belong to")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: known GPUs' bf16 peak)")
@@ -87,8 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.warmup < 1 or args.steps < 1 or args.batch_size < 1 or args.round_channels < 1:
+    if args.warmup < 1 or args.steps < 1 or args.batch_size < 1 or min(args.round_channels) < 1:
         p.error("--warmup, --steps, --batch-size and --round-channels must be at least 1")
+    if "captured" in args.modes and args.warmup < CAPTURE_WARMUP:
+        p.error(f"--warmup {args.warmup}: a captured step compiles in its first {CAPTURE_WARMUP} steps (the "
+                "optimizer's state appears at the first); give at least that many")
     return args
 
 
@@ -121,28 +132,61 @@ def throughput(step_seconds: float, batch_size: int, flops_per_image: float, pea
 
 # ---- (a) ebtrain ---------------------------------------------------------------------------------
 class StepTimer(Hook):
-    """Seconds of the training steps after the first `warmup`, the device synchronized at both ends."""
+    """Seconds of the training steps after the first `warmup`, the device synchronized at both ends;
+    with `profile_steps`, a torch.profiler trace of that many steps after the timed ones."""
 
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
+    def __init__(self, warmup: int, steps: int, profile_steps: int = 0):
+        self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
         self.done = 0
         self.started = 0.0
         self.seconds: float | None = None
+        self.profiler: torch.profiler.profile | None = None
+        self.profile_seconds = 0.0
 
     def after_step(self, trainer: Trainer) -> None:
         self.done += 1
-        if self.done in (self.warmup, self.warmup + self.steps):
+        timed_end, profile_end = self.warmup + self.steps, self.warmup + self.steps + self.profile_steps
+        if self.done in (self.warmup, timed_end, profile_end):
             synchronize(trainer.device)
-            if self.done == self.warmup:
+        if self.done == self.warmup:
+            self.started = time.perf_counter()
+        if self.done == timed_end:
+            self.seconds = time.perf_counter() - self.started
+            if self.profile_steps:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if trainer.device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
                 self.started = time.perf_counter()
-            else:
-                self.seconds = time.perf_counter() - self.started
+        if self.profile_steps and self.done == profile_end:
+            self.profiler.__exit__(None, None, None)
+            self.profile_seconds = time.perf_counter() - self.started
+
+
+def profile_summary(timer: StepTimer, device: torch.device, top: int = 10) -> dict:
+    """The top operators of the traced steps by their own time on the device (the CPU's on a CPU), and on
+    a GPU the share of the traced wall time in which no kernel ran (kernels of one stream do not overlap)."""
+    events = timer.profiler.key_averages()
+    cuda = device.type == "cuda"
+
+    def own_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    ranked = sorted(events, key=own_us, reverse=True)[:top]
+    busy_us = sum(e.self_device_time_total for e in events) if cuda else None
+    wall_us = timer.profile_seconds * 1e6
+    return {"steps": timer.profile_steps, "wall_seconds": timer.profile_seconds,
+            "clock": "device kernels" if cuda else "CPU operators",
+            "top": [{"name": e.key, "calls": e.count, "own_ms": own_us(e) / 1e3,
+                     "share_of_wall": own_us(e) / wall_us} for e in ranked],
+            "device_idle_share": max(0.0, 1 - busy_us / wall_us) if cuda else None}
 
 
 def bench_data(args: argparse.Namespace) -> DataBundle:
-    """Exactly the images of warmup + timed steps (one epoch of ebtrain's Trainer): the first of
+    """Exactly the images of warmup, timed and profiled steps (one epoch of ebtrain's Trainer): the first of
     --data-dir's training images (cycled if too few), or random ones; one batch as the test set."""
-    n = (args.warmup + args.steps) * args.batch_size
+    n = (args.warmup + args.steps + args.profile_steps) * args.batch_size
     if args.data_dir:
         train = load_data(DataConfig(dataset="imagefolder", data_dir=args.data_dir)).train
         if tuple(train.images.shape[1:]) != IMAGE_SHAPE:
@@ -158,13 +202,16 @@ def bench_data(args: argparse.Namespace) -> DataBundle:
                       classes=[str(c) for c in range(NUM_CLASSES)], name="bench")
 
 
-def time_ebtrain(model: nn.Module, data: DataBundle, args: argparse.Namespace, name: str) -> float:
-    """Seconds per training step of a copy of `model` in ebtrain's Trainer."""
-    timer = StepTimer(args.warmup, args.steps)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=LR, milestones=[], device=str(args.device))
+def time_ebtrain(model: nn.Module, data: DataBundle, args: argparse.Namespace, name: str, mode: str,
+                 profile: bool = False) -> tuple[float, dict | None]:
+    """(seconds per training step of a copy of `model` in ebtrain's Trainer with the `mode` step, the
+    profile of --profile-steps more steps when `profile`)."""
+    timer = StepTimer(args.warmup, args.steps, args.profile_steps if profile else 0)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=LR, milestones=[], device=str(args.device),
+                      compile="on" if mode == "captured" else "off")
     Trainer(copy.deepcopy(model), data, cfg, device=args.device, hooks=[timer], tensorboard=False,
-            name=f"ebtrain {name}").fit()
-    return timer.seconds / args.steps
+            name=f"ebtrain {name} ({mode})").fit()
+    return timer.seconds / args.steps, profile_summary(timer, args.device) if timer.profiler else None
 
 
 # ---- (b) the reference loop ----------------------------------------------------------------------
@@ -232,26 +279,31 @@ def check_tickets(tickets: list[dict], archs: list[str]) -> None:
 
 
 def time_tickets(arch: str, model: nn.Module, data: DataBundle, args: argparse.Namespace,
-                 tickets: list[dict]) -> dict:
-    """Step time of each pruned network, as drawn and rounded, against its dense network's."""
+                 tickets: list[dict], dense_seconds: dict[str, float]) -> dict:
+    """Step time of each pruned network, as drawn and rounded to each --round-channels multiple, in
+    each mode, against its dense network's in the same mode."""
     dense, masks, source = ticket_masks(arch, model, args, tickets)
+    if source == "ticket files":  # the tickets' own dense network: time it too
+        dense_seconds = {mode: time_ebtrain(dense, data, args, f"{arch} dense", mode)[0] for mode in args.modes}
     dense_flops = measure_cost(dense, IMAGE_SHAPE, args.batch_size).train_flops_per_image
-    dense_seconds = time_ebtrain(dense, data, args, f"{arch} dense")
     scores = channel_scores(dense)
     total = sum(bn.num_features for _, bn in prunable_bns(dense))
     out = {"source": source, "round_channels": args.round_channels, "dense_step_seconds": dense_seconds,
            "ratios": {}}
     for ratio, keep in masks:
         row = {}
-        for label, multiple in (("drawn", 1), ("rounded", args.round_channels)):
+        for multiple in (1, *args.round_channels):
             rounded = round_keep(keep, scores, multiple)
             pruned = prune_channels(dense, rounded)
-            seconds = time_ebtrain(pruned, data, args, f"{arch} {ratio_name(ratio)} {label}")
+            label = "drawn" if multiple == 1 else f"rounded_{multiple}"
+            seconds = {mode: time_ebtrain(pruned, data, args, f"{arch} {ratio_name(ratio)} {label}", mode)[0]
+                       for mode in args.modes}
             row[label] = {"channels": sum(kept_channels(rounded)), "channels_total": total,
                           "channels_added": sum(kept_channels(rounded)) - sum(kept_channels(keep)),
                           "train_flops_ratio": measure_cost(pruned, IMAGE_SHAPE, args.batch_size)
                           .train_flops_per_image / dense_flops,
-                          "step_seconds": seconds, "speedup": dense_seconds / seconds}
+                          "step_seconds": seconds,
+                          "step_ratio": {mode: seconds[mode] / dense_seconds[mode] for mode in args.modes}}
         out["ratios"][ratio_name(ratio)] = row
     return out
 
@@ -264,13 +316,20 @@ def bench_arch(arch: str, data: DataBundle, args: argparse.Namespace, peak: floa
     model = build_model(arch, num_classes=NUM_CLASSES, width=args.width)
     cost = measure_cost(model, IMAGE_SHAPE, args.batch_size)
     figures = {"params": cost.params, "forward_flops_per_image": cost.forward_flops_per_image,
-               "train_flops_per_image": cost.train_flops_per_image}
-    step_seconds = {"ebtrain": time_ebtrain(model, data, args, arch), "reference": time_reference(model, args)}
+               "train_flops_per_image": cost.train_flops_per_image, "profile": {}}
+    step_seconds = {}
+    for mode in args.modes:
+        step_seconds[mode], profile = time_ebtrain(model, data, args, arch, mode, profile=args.profile_steps > 0)
+        figures["profile"][mode] = profile
+    step_seconds["reference"] = time_reference(model, args)
     for way, seconds in step_seconds.items():
         figures[way] = throughput(seconds, args.batch_size, cost.train_flops_per_image, peak)
-    figures["speedup_ebtrain_over_reference"] = (figures["ebtrain"]["images_per_s"]
-                                                 / figures["reference"]["images_per_s"])
-    figures["tickets"] = time_tickets(arch, model, data, args, tickets)
+    figures["speedup_over_reference"] = {mode: figures[mode]["images_per_s"] / figures["reference"]["images_per_s"]
+                                         for mode in args.modes}
+    if len(args.modes) == 2:
+        figures["speedup_captured_over_eager"] = step_seconds["eager"] / step_seconds["captured"]
+    figures["tickets"] = time_tickets(arch, model, data, args, tickets,
+                                      {mode: step_seconds[mode] for mode in args.modes})
     return figures
 
 
@@ -286,18 +345,21 @@ def environment(args: argparse.Namespace, peak: float | None, peak_source: str) 
 def print_summary(report: dict) -> None:
     print(report["note"])
     for arch, f in report["archs"].items():
-        eb, ref = f["ebtrain"], f["reference"]
-        mfu = f", MFU {100 * eb['mfu']:.1f}% vs {100 * ref['mfu']:.1f}%" if eb["mfu"] is not None else ""
-        print(f"{arch}: ebtrain {eb['images_per_s']:,.0f} img/s ({eb['seconds_per_epoch']:.1f} s/epoch, "
-              f"{eb['tflops_per_s']:.2f} TFLOP/s) vs reference loop {ref['images_per_s']:,.0f} img/s "
-              f"({ref['seconds_per_epoch']:.1f} s/epoch): x{f['speedup_ebtrain_over_reference']:.2f}{mfu}")
-        multiple = f["tickets"]["round_channels"]
+        ref = f["reference"]
+        print(f"{arch}: reference loop {ref['images_per_s']:,.0f} img/s ({ref['seconds_per_epoch']:.1f} s/epoch)")
+        for mode in report["modes"]:
+            m = f[mode]
+            mfu = f", MFU {100 * m['mfu']:.1f}%" if m["mfu"] is not None else ""
+            print(f"  ebtrain {mode}: {m['images_per_s']:,.0f} img/s ({m['seconds_per_epoch']:.1f} s/epoch, "
+                  f"{m['tflops_per_s']:.2f} TFLOP/s{mfu}), x{f['speedup_over_reference'][mode]:.2f} the reference")
+            profile = f["profile"].get(mode)
+            if profile and profile["device_idle_share"] is not None:
+                print(f"    device idle {100 * profile['device_idle_share']:.0f}% of the traced steps")
         for name, row in f["tickets"]["ratios"].items():
-            drawn, rounded = row["drawn"], row["rounded"]
-            print(f"  {name}: step x{drawn['speedup']:.2f} faster than dense "
-                  f"(FLOPs x{drawn['train_flops_ratio']:.2f}); rounded to {multiple} "
-                  f"(+{rounded['channels_added']} channels): x{rounded['speedup']:.2f} "
-                  f"(FLOPs x{rounded['train_flops_ratio']:.2f})")
+            cells = "; ".join(f"{label} (FLOPs x{r['train_flops_ratio']:.2f}, +{r['channels_added']} ch): "
+                              + ", ".join(f"{mode} x{r['step_ratio'][mode]:.2f}" for mode in report["modes"])
+                              for label, r in row.items())
+            print(f"  {name} step time vs dense: {cells}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     data = bench_data(args)
     report = {"note": note, "cpu_run": cpu_run, **env,
               "batch_size": args.batch_size, "width": args.width, "warmup_steps": args.warmup,
-              "timed_steps": args.steps, "lr": LR, "reference_workers": args.workers,
+              "timed_steps": args.steps, "profiled_steps": args.profile_steps, "modes": args.modes,
+              "lr": LR, "reference_workers": args.workers,
               "data": f"image folder {Path(args.data_dir).name}" if args.data_dir else
               "synthetic: random uint8 images (ebtrain), torchvision FakeData (reference)",
               "mfu_convention": "training FLOPs per image (ebtrain.flops: forward + backward) x images/s / peak",

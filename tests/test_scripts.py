@@ -71,25 +71,34 @@ def test_reproduce_runs_only_what_is_not_on_disk(reproduce, tmp_path, monkeypatc
 
 
 def test_bench_train_writes_every_figure_on_a_cpu(tmp_path, capsys):
+    # the eager step only: a captured (compiled) one compiles each network for a minute on a CPU; the
+    # compiled Trainer step itself is tested in test_train
     bench = load_script("bench_train")
     out = tmp_path / "bench.json"
     bench.main(["--arch", "vgg16", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--warmup", "1",
-                "--ratios", "0.5", "--out", str(out)])
+                "--modes", "eager", "--profile-steps", "1", "--ratios", "0.5", "--round-channels", "8", "16",
+                "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["cpu_run"] and report["width"] == 0.125 and report["peak_tflops"] is None
-    assert {"device", "torch", "batch_size", "note"} <= set(report)
+    assert {"device", "torch", "batch_size", "note"} <= set(report) and report["modes"] == ["eager"]
     figures = report["archs"]["vgg16"]
-    for way in ("ebtrain", "reference"):
+    for way in ("eager", "reference"):
         assert figures[way]["images_per_s"] > 0 and figures[way]["mfu"] is None
         assert {"step_seconds", "seconds_per_epoch", "tflops_per_s"} <= set(figures[way])
-    assert figures["speedup_ebtrain_over_reference"] > 0
+    assert figures["speedup_over_reference"]["eager"] > 0
+    profile = figures["profile"]["eager"]
+    assert profile["steps"] == 1 and profile["device_idle_share"] is None
+    assert profile["top"] and all(op["own_ms"] >= 0 for op in profile["top"])
+    assert any("conv" in op["name"] for op in profile["top"])
     tickets = figures["tickets"]
-    assert tickets["source"] == "random BN weights" and tickets["round_channels"] == 8
-    drawn, rounded = tickets["ratios"]["p50"]["drawn"], tickets["ratios"]["p50"]["rounded"]
-    assert drawn["channels_added"] == 0 and rounded["channels"] == drawn["channels"] + rounded["channels_added"]
-    assert 0 < drawn["train_flops_ratio"] <= rounded["train_flops_ratio"] < 1
+    assert tickets["source"] == "random BN weights" and tickets["round_channels"] == [8, 16]
+    row = tickets["ratios"]["p50"]
+    drawn, by8, by16 = row["drawn"], row["rounded_8"], row["rounded_16"]
+    assert drawn["channels_added"] == 0 and by8["channels"] == drawn["channels"] + by8["channels_added"]
+    assert 0 < drawn["train_flops_ratio"] <= by8["train_flops_ratio"] <= by16["train_flops_ratio"] < 1
+    assert drawn["step_ratio"]["eager"] > 0
     printed = capsys.readouterr().out
-    assert "CPU run at width 0.125" in printed and "vgg16: ebtrain" in printed
+    assert "CPU run at width 0.125" in printed and "ebtrain eager" in printed
 
 
 def test_bench_train_takes_the_masks_of_given_tickets(tmp_path):
