@@ -227,25 +227,46 @@ def baseline_cost(search: dict | None, baseline: dict | None, epochs: int) -> di
             "flops_paper": 3 * search["forward_flops_per_image"] * images, "measured": False, "seconds": None}
 
 
-def ticket_cost(search: dict, retrain: dict, baseline: dict) -> dict:
-    """EB-Train's cost for one ticket (the whole search plus that ticket's retrain) and its savings
-    against `baseline` (from `baseline_cost`), in both conventions."""
+def search_until(search: dict, epoch: int, num_channels: int) -> dict:
+    """What the search cost up to `epoch` for one ratio alone: `epoch` epochs of training (the search
+    trains the same dense network every epoch) and the detector's draws of one ratio's mask at epochs
+    0 to `epoch`, in both conventions, with the seconds of those epochs."""
+    images = search["images_per_epoch"] * epoch
+    detector = detector_ops(num_channels, 1, epoch + 1)
+    return {"flops": search["step_flops"] * images // search["batch_size"] + detector,
+            "flops_paper": 3 * search["forward_flops_per_image"] * images + detector,
+            "seconds": sum(search["seconds_per_epoch"][:epoch])}
+
+
+def ticket_cost(search: dict, ticket: dict, baseline: dict) -> dict:
+    """EB-Train's cost for one ticket and its savings against `baseline` (from `baseline_cost`), in both
+    conventions, two ways. Shared (`flops`, `savings`, ...): the whole search, which drew every ratio's
+    ticket, plus this ticket's retrain. Alone (`alone`): the search up to this ticket's EB epoch, what a
+    run asking for this ratio only would have searched, plus its retrain. `ticket` is a retrain result
+    (its `cost`, `eb_epoch` and `channels_total`)."""
+    retrain = ticket["cost"]
     found = search_total(search)
     flops, paper = found["flops"] + retrain["flops"], found["flops_paper"] + retrain["flops_paper"]
+    until = search_until(search, ticket["eb_epoch"], ticket["channels_total"])
+    alone, alone_paper = until["flops"] + retrain["flops"], until["flops_paper"] + retrain["flops_paper"]
     return {"flops": flops, "flops_paper": paper, "savings": savings(baseline["flops"], flops),
             "savings_paper": savings(baseline["flops_paper"], paper),
-            "seconds": search["seconds"] + retrain["seconds"]}
+            "seconds": search["seconds"] + retrain["seconds"],
+            "alone": {"flops": alone, "flops_paper": alone_paper, "savings": savings(baseline["flops"], alone),
+                      "savings_paper": savings(baseline["flops_paper"], alone_paper),
+                      "seconds": until["seconds"] + retrain["seconds"]}}
 
 
-def run_cost(search: dict, retrains: dict[str, dict], baseline: dict | None, epochs: int) -> dict:
+def run_cost(search: dict, tickets: dict[str, dict], baseline: dict | None, epochs: int) -> dict:
     """The cost block of an EB-Train summary: the search (with the detector's share), the baseline,
-    each ticket's cost and savings, and the total the run spent (search plus every retrain)."""
+    each ticket's cost and savings (shared and alone, see `ticket_cost`; `tickets` holds retrain
+    results), and the total the run spent (search plus every retrain)."""
     found = search_total(search)
     dense = baseline_cost(search, baseline, epochs)
     return {"convention": CONVENTION,
             "search": {**found, "detector_ops": search["detector_ops"],
                        "detector_share": search["detector_ops"] / max(search["flops"], 1)},
             "baseline": dense,
-            "tickets": {name: ticket_cost(search, r, dense) for name, r in retrains.items()},
-            "total": {"flops": found["flops"] + sum(r["flops"] for r in retrains.values()),
-                      "flops_paper": found["flops_paper"] + sum(r["flops_paper"] for r in retrains.values())}}
+            "tickets": {name: ticket_cost(search, t, dense) for name, t in tickets.items()},
+            "total": {"flops": found["flops"] + sum(t["cost"]["flops"] for t in tickets.values()),
+                      "flops_paper": found["flops_paper"] + sum(t["cost"]["flops_paper"] for t in tickets.values())}}

@@ -374,7 +374,7 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
                                                       data, device, cfg.search.init)
     if cfg.search.baseline:
         summary["baseline"] = train_dense(cfg, run_dir / "baseline", data, device)
-    summary["cost"] = run_cost(search["cost"], {name: t["cost"] for name, t in summary["tickets"].items()},
+    summary["cost"] = run_cost(search["cost"], summary["tickets"],
                                summary.get("baseline", {}).get("cost"), cfg.train.epochs)
     summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")
     _save_summary(summary, run_dir)

@@ -40,7 +40,8 @@ from .rundir import SUMMARY_FILE
 import matplotlib.pyplot as plt
 
 COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
-           "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds")
+           "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds",
+           "train_flops_alone", "savings_alone", "savings_alone_paper", "seconds_alone")
 FORMATS = ("text", "markdown", "csv", "json")
 METHODS = {"eb": "EB-Train", "reinit": "EB re-init", "rewind": "EB rewind"}
 FLOP_UNITS = (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6))
@@ -64,8 +65,13 @@ def _costs(flops: dict | None) -> dict:
     """The cost columns of a row from a `ticket_cost`-like dict (empty when the run recorded none)."""
     if flops is None:
         return {}
-    return {"train_flops": flops["flops"], "savings": round(flops["savings"], 3),
-            "savings_paper": round(flops["savings_paper"], 3)}
+    shared = {"train_flops": flops["flops"], "savings": round(flops["savings"], 3),
+              "savings_paper": round(flops["savings_paper"], 3)}
+    alone = flops.get("alone")
+    if alone is None:
+        return shared
+    return {**shared, "train_flops_alone": alone["flops"], "savings_alone": round(alone["savings"], 3),
+            "savings_alone_paper": round(alone["savings_paper"], 3), "seconds_alone": round(alone["seconds"], 1)}
 
 
 def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) -> list[dict]:
@@ -82,7 +88,7 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
         rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
     tickets = {(t["init"], t["ratio"]): t for t in [*summary.get("tickets", {}).values(), *retrains]}
     for (init, ratio), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
-        spent = ticket_cost(search_cost, t["cost"], dense) if search_cost and "cost" in t else None
+        spent = ticket_cost(search_cost, t, dense) if search_cost and "cost" in t else None
         row = _row(run, METHODS.get(init, f"EB {init}"), t, ratio=ratio, eb_epoch=t["eb_epoch"],
                    channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
                    search_epochs=search.get("epochs_trained"),
@@ -109,9 +115,9 @@ def flop_unit(flops: float) -> tuple[str, float]:
 def _cell(column: str, value, scale: float) -> str:
     if value is None:
         return ""
-    if column == "train_flops":
+    if column in ("train_flops", "train_flops_alone"):
         return f"{value / scale:.2f}"
-    if column in ("savings", "savings_paper"):
+    if column.startswith("savings"):
         return f"{value:.2f}x"
     if column in ("final_acc", "best_acc"):
         return f"{value:.2f}"
@@ -134,7 +140,7 @@ def format_rows(rows: list[dict], fmt: str = "text") -> str:
     if fmt not in FORMATS:
         raise UserError(f"report format '{fmt}' is not known: choose from {', '.join(FORMATS)}")
     unit, scale = flop_unit(max((r["train_flops"] or 0 for r in rows), default=0))
-    header = [f"train_{unit}" if c == "train_flops" else c for c in COLUMNS]
+    header = [c.replace("flops", unit) if c.startswith("train_flops") else c for c in COLUMNS]
     cells = [header] + [[_cell(c, r[c], scale) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     if fmt == "markdown":

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ebtrain.cli import main
 from ebtrain.data import load_data
-from ebtrain.flops import baseline_cost, run_cost
+from ebtrain.flops import baseline_cost, detector_ops, run_cost
 from ebtrain.pipeline import dense_only, eb_train, retrain_ticket
 from ebtrain.report import summary_rows, ticket_agreement_rows
 from ebtrain.rundir import prepare_run_dir
@@ -27,7 +27,7 @@ def result(acc: float, epochs: int, seconds: float, **extra) -> dict:
 
 
 SEARCH_COST = phase(100, 120, 2.0, detector_ops=2, images_per_epoch=10, step_flops=40, batch_size=8,
-                    forward_flops_per_image=2)
+                    forward_flops_per_image=2, seconds_per_epoch=[0.25, 0.5, 0.5, 0.75, 0.0])
 
 
 def ticket(ratio: float, init: str, flops: int, paper: int) -> dict:
@@ -39,14 +39,19 @@ def test_savings_arithmetic_on_a_constructed_summary():
     summary = {"epochs": 10, "search": result(0.5, 4, 2.0, cost=SEARCH_COST),
                "baseline": result(0.92, 10, 9.0, params=1000, cost=phase(1000, 1200, 9.0)),
                "tickets": {"p30": ticket(0.3, "eb", 150, 180), "p50": ticket(0.5, "eb", 98, 118)}}
-    cost = run_cost(SEARCH_COST, {n: t["cost"] for n, t in summary["tickets"].items()},
-                    summary["baseline"]["cost"], 10)
+    cost = run_cost(SEARCH_COST, summary["tickets"], summary["baseline"]["cost"], 10)
     # EB-Train for a ticket = search (training + detector) + that ticket's retrain
     assert cost["tickets"]["p30"]["flops"] == 100 + 2 + 150
     assert cost["tickets"]["p30"]["savings"] == pytest.approx(1000 / 252)
     assert cost["tickets"]["p50"]["savings_paper"] == pytest.approx(1200 / (120 + 2 + 118))
     assert cost["total"] == {"flops": 102 + 150 + 98, "flops_paper": 122 + 180 + 118}
     assert cost["search"]["detector_share"] == pytest.approx(0.02)
+    # alone: the search's first 4 epochs (the EB epoch), 40 images, and 5 draws of one ratio's mask
+    detector = detector_ops(100, 1, 5)
+    assert cost["tickets"]["p30"]["alone"] == {
+        "flops": 40 * 40 // 8 + detector + 150, "flops_paper": 3 * 2 * 40 + detector + 180,
+        "savings": pytest.approx(1000 / (200 + detector + 150)),
+        "savings_paper": pytest.approx(1200 / (240 + detector + 180)), "seconds": 2.0 + 3.0}
 
     rows = summary_rows(summary, "r")
     assert [(r["method"], r["ratio"]) for r in rows] == [("dense", None), ("EB-Train", 0.3), ("EB-Train", 0.5)]
@@ -54,6 +59,8 @@ def test_savings_arithmetic_on_a_constructed_summary():
     assert (rows[1]["train_flops"], rows[1]["savings"], rows[1]["savings_paper"]) == \
         (252, round(1000 / 252, 3), round(1200 / 302, 3))
     assert rows[1]["seconds"] == 2.0 + 3.0 and rows[1]["final_acc"] == 90.0
+    assert (rows[1]["train_flops_alone"], rows[1]["savings_alone"], rows[1]["seconds_alone"]) == \
+        (200 + detector + 150, round(1000 / (350 + detector), 3), 5.0)
 
     # without a trained baseline: the dense per-image cost x the images of the full schedule
     assert baseline_cost(SEARCH_COST, None, 10) == {"flops": 40 * 100 // 8, "flops_paper": 3 * 2 * 100,
@@ -173,3 +180,21 @@ def test_ticket_agreement_without_common_ratios_is_an_error(tmp_path, capsys):
     (tmp_path / "b" / "tickets").mkdir(parents=True)
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--tickets"]) == 2
     assert "no ticket ratio in common" in capsys.readouterr().err
+
+
+def test_a_ratio_alone_costs_what_a_run_of_that_ratio_alone_spends(tmp_path):
+    # p = 0.3 emerges at epoch 3, p = 0.5 at epoch 4 (eps 0.2): the two-ratio search trains 4 epochs,
+    # the p = 0.3 run 3; the p = 0.3 ticket and its retrain are the same in both
+    data = None
+    summaries = {}
+    for ratios in ([0.3, 0.5], [0.3]):
+        cfg = tiny_config(tmp_path / str(len(ratios)), train={"epochs": 8},
+                          search={"ratios": ratios, "eps": 0.2, "queue_length": 2})
+        data = data or load_data(cfg.data, seed=cfg.train.seed)
+        summaries[len(ratios)] = eb_train(cfg, prepare_run_dir(cfg), data)
+    both, alone = summaries[2], summaries[1]
+    assert (both["search"]["epochs_trained"], alone["search"]["epochs_trained"]) == (4, 3)
+    p30 = both["cost"]["tickets"]["p30"]
+    for convention in ("flops", "flops_paper"):
+        assert p30["alone"][convention] == alone["cost"]["tickets"]["p30"][convention] < p30[convention]
+    assert p30["alone"]["savings"] == pytest.approx(alone["cost"]["tickets"]["p30"]["savings"])
