@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from ebtrain.cli import build_parser, resolve_config
@@ -75,3 +77,25 @@ def test_wrong_types_are_refused():
 def test_milestone_fractions_and_epochs():
     assert resolve_milestones([0.5, 0.75], 40) == [20, 30]
     assert resolve_milestones([30, 10], 40) == [10, 30]
+
+
+def test_every_shipped_config_loads_and_passes_validation():
+    from ebtrain.validate import validate
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        validate(load_yaml(path))
+
+
+# Frankle & Carbin (ICLR 2019), Figure 2: Adam's rate, iterations and the conv layers' pruning rate per
+# round; batch 60, fully connected layers 20% and the output layer 10% per round, for all three
+PAPER_CONV_NETS = {"conv2": (2e-4, 20_000, 0.1), "conv4": (3e-4, 25_000, 0.1), "conv6": (3e-4, 30_000, 0.15)}
+
+
+def test_the_small_conv_network_configs_follow_the_paper():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for arch, (lr, iterations, conv_rate) in PAPER_CONV_NETS.items():
+        cfg = load_yaml(root / f"{arch}_cifar10.yaml")
+        assert (cfg.model.arch, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (arch, "adam", lr, 60)
+        lot = cfg.lottery
+        assert (lot.iterations, lot.conv_rate, lot.fc_rate, lot.output_rate) == (iterations, conv_rate, 0.2, 0.1)
