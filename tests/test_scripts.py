@@ -128,3 +128,18 @@ def test_bench_lottery_times_plain_batched_and_block_sparse_training(tmp_path):
     for row in result["results"]:
         assert row["network_steps_per_second"] == pytest.approx(row["models"] * row["iterations_per_second"], rel=0.01)
         assert row["iterations_per_second"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine gpu_check runs every check")
+def test_gpu_check_needs_a_gpu_and_runs_its_checks_on_the_cpu_when_told(tmp_path, capsys):
+    gpu_check = load_script("gpu_check")
+    assert gpu_check.main([str(tmp_path / "none")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    everything_else = ["search_fp32_captured", "search_bfp8_eager", "search_bfp8_captured", "retrain_eb",
+                       "retrain_reinit", "retrain_rewind", "torchrun_one_process", "lottery_batched",
+                       "resume_cpu_to_cuda", "resume_cuda_to_cpu", "deterministic_repeat", "bench"]
+    assert gpu_check.main([str(tmp_path / "out"), "--device", "cpu", "--skip", *everything_else]) == 0
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [(c["name"], c["passed"]) for c in summary["checks"]] == [("search_fp32_eager", True), ("prune", True)]
+    assert summary["checks"][0]["tickets"] == ["p30", "p50", "p70"] and summary["checks"][0]["compiled"] is False
+    assert "PASS prune" in capsys.readouterr().out
