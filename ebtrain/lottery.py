@@ -29,7 +29,6 @@ A round is done when its result.json exists; a resumed run skips done rounds and
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import shutil
 import sys
@@ -43,16 +42,16 @@ import torch.nn as nn
 
 from . import checkpoint
 from .config import Config, LotteryConfig
-from .data import DataBundle, load_data
-from .earlybird import channel_scores, draw_mask, mask_distance, prunable_bns
+from .data import DataBundle, derived_seed, load_data
+from .earlybird import channel_scores, draw_mask, jaccard, mask_distance, prunable_bns
 from .errors import UserError
 from .models import build_model, count_params
 from .monitor import Monitor, plt, save_figure
 from .population import Member, can_batch, train_members
-from .prune import (Masks, expected_jaccard, jaccard, magnitude_masks, mask_density, prunable_weights,
-                    prune_channels, random_masks)
+from .prune import (Masks, expected_jaccard, magnitude_masks, mask_density, prunable_weights, prune_channels,
+                    random_masks)
 from .report import COLUMNS
-from .train import resolve_device, seed_everything
+from .train import new_model, resolve_device
 
 LOTTERY_FILE = "lottery.json"
 RESULT_FILE = "result.json"
@@ -145,20 +144,14 @@ def make_pruning(model: nn.Module, cfg: LotteryConfig) -> WeightPruning | Channe
 
 
 # ---- the experiment ----------------------------------------------------------------------------
-def _derived_seed(*parts: object) -> int:
-    """A seed for one purpose, e.g. ('reinit', seed, round): a hash, so no two purposes share one."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") % 2 ** 32  # numpy's limit
-
-
-def _new_model(cfg: Config, data: DataBundle) -> nn.Module:
-    return build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                       width=cfg.model.width, image_size=data.image_size)
+def seeds_of(cfg: Config) -> list[int]:
+    """The seeds of the run's independent repetitions: train.seed, train.seed + 1, ..."""
+    return [cfg.train.seed + i for i in range(cfg.lottery.seeds)]
 
 
 def initial_state(cfg: Config, data: DataBundle, seed: int) -> dict[str, torch.Tensor]:
     """The dense network's weights at initialization for `seed` (EB-Train's, for the same seed)."""
-    seed_everything(seed)
-    return _new_model(cfg, data).state_dict()
+    return new_model(cfg, data, seed).state_dict()
 
 
 def arms_of(cfg: LotteryConfig) -> list[str]:
@@ -186,7 +179,7 @@ def check_config(cfg: Config, data: DataBundle) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    template = _new_model(cfg, data)
+    template = new_model(cfg, data)
     make_pruning(template, L)
     if L.eb_ticket:
         _load_eb_ticket(L.eb_ticket, template)
@@ -198,8 +191,8 @@ def run_lottery(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> d
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     check_config(cfg, data)
     L = cfg.lottery
-    seeds = [cfg.train.seed + i for i in range(L.seeds)]
-    pruning = make_pruning(_new_model(cfg, data), L)
+    seeds = seeds_of(cfg)
+    pruning = make_pruning(new_model(cfg, data), L)
     monitor = Monitor(run_dir if cfg.run.tensorboard else None)
     done = next((r for r in range(L.rounds + 1) if not (run_dir / _round_name(r) / RESULT_FILE).exists()),
                 L.rounds + 1)
@@ -250,10 +243,10 @@ def _members(cfg: Config, data: DataBundle, pruning: WeightPruning | ChannelPrun
             if arm == "ticket":
                 members.append(Member(s, arm, start, pruning.param_masks(masks)))
             elif arm == "reinit":
-                fresh = initial_state(cfg, data, _derived_seed("reinit", s, r))
+                fresh = initial_state(cfg, data, derived_seed("reinit", s, r, bits=32))
                 members.append(Member(s, arm, fresh, pruning.param_masks(masks)))
             else:
-                generator = torch.Generator().manual_seed(_derived_seed("random-prune", s, r))
+                generator = torch.Generator().manual_seed(derived_seed("random-prune", s, r, bits=32))
                 members.append(Member(s, arm, start, pruning.param_masks(random_masks(masks, generator))))
     return members, tickets
 
@@ -271,7 +264,7 @@ def _run_round(cfg: Config, data: DataBundle, device: torch.device, pruning: Wei
           f"{len(members)} networks for {L.iterations} iterations", file=sys.stderr, flush=True)
     started = time.perf_counter()
     records, finals, rewinds = train_members(
-        lambda: _new_model(cfg, data), members, data, cfg.train, device, L.iterations, L.eval_every, L.batched,
+        lambda: new_model(cfg, data), members, data, cfg.train, device, L.iterations, L.eval_every, L.batched,
         snapshot_at=L.rewind_iter if r == 0 else 0, name=f"round {r}")
     tickets_at = [i for i, m in enumerate(members) if m.arm == "ticket"]
     state = {"masks": tickets, "final": {members[i].seed: finals[i] for i in tickets_at}}
@@ -284,7 +277,7 @@ def _run_round(cfg: Config, data: DataBundle, device: torch.device, pruning: Wei
     result = {"round": r, "remaining": float(np.mean([v["overall"] for v in remaining.values()])),
               "layers": {n: float(np.mean([v["layers"][n] for v in remaining.values()]))
                          for n in remaining[seeds[0]]["layers"]},
-              "seconds": time.perf_counter() - started, "batched": L.batched and can_batch(_new_model(cfg, data)),
+              "seconds": time.perf_counter() - started, "batched": L.batched and can_batch(new_model(cfg, data)),
               "records": records}
     checkpoint.atomic_write_json(result, out / RESULT_FILE)
     for arm, runs in _by_arm(records).items():
@@ -338,7 +331,7 @@ def summarize(cfg: Config, pruning: WeightPruning | ChannelPruning, results: lis
                        "seconds": result["seconds"], "arms": arms})
     return {"kind": "lottery", "arch": cfg.model.arch, "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir,
             "width": cfg.model.width,
-            "device": str(device), "seeds": [cfg.train.seed + i for i in range(L.seeds)],
+            "device": str(device), "seeds": seeds_of(cfg),
             "iterations": L.iterations, "eval_every": L.eval_every, "optimizer": cfg.train.optimizer,
             "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "structured": L.structured,
             "one_shot": L.one_shot, "global_pruning": L.global_pruning, "rewind_iter": L.rewind_iter,
@@ -416,7 +409,7 @@ def _analyses(cfg: Config, data: DataBundle, pruning: WeightPruning | ChannelPru
                     for s in seeds]
         out["weight_movement"].append({"round": r, **_mean_nested(per_seed)})
     if L.eb_ticket:
-        ticket = _load_eb_ticket(L.eb_ticket, _new_model(cfg, data))
+        ticket = _load_eb_ticket(L.eb_ticket, new_model(cfg, data))
         out["eb_overlap"] = {"ticket": L.eb_ticket, "ratio": ticket["ratio"], "epoch": ticket["epoch"],
                              "rounds": eb_overlap(ticket, pruning, {r: states[r]["masks"][seeds[0]]
                                                                     for r in range(1, L.rounds + 1)})}

@@ -39,7 +39,7 @@ from .config import TrainConfig
 from .data import BatchLoader, DataBundle
 from .errors import UserError
 from .prune import Masks, apply_masks
-from .train import learning_rate
+from .train import evaluation_sums, learning_rate, make_optimizer
 
 
 @dataclass
@@ -244,14 +244,6 @@ def _input_linear_weight(model: nn.Module) -> str | None:
     return None
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD with momentum, fused: one elementwise pass over each stacked tensor, so K stacked
-    networks step exactly as K separate optimizers would."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
-
-
 def train_step(pop: Population, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     """One optimizer step of every network on its own batch: x [K, B, ...], y [K, B]."""
     out = pop(x)
@@ -269,17 +261,11 @@ def _endless(loader: BatchLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
         yield from loader
 
 
-@torch.no_grad()
 def _evaluate(pop: Population, loader: BatchLoader, params: dict[str, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy [K] of every network over the whole of `loader`'s data."""
     pop.model.eval()
-    loss = torch.zeros(pop.size, device=loader.device)
-    correct = torch.zeros(pop.size, device=loader.device)
-    for x, y in loader:
-        out = pop(x, params, shared=True)
-        loss += F.cross_entropy(out.transpose(1, 2), y.expand(pop.size, -1), reduction="none").sum(1)
-        correct += (out.argmax(2) == y).sum(1)
+    loss, correct = evaluation_sums(lambda x: pop(x, params, shared=True), loader)
     pop.model.train()
     return loss / loader.num_samples, correct / loader.num_samples
 
@@ -302,7 +288,7 @@ def train_population(pop: Population, members: list[Member], data: DataBundle, c
     # one evaluation batch holds eval_batch_size images over all K networks, so memory stays bounded
     eval_batch = max(1, cfg.eval_batch_size // pop.size)
     val = BatchLoader(data.val, eval_batch, **norm)
-    optimizer = make_optimizer(list(pop.params.values()), cfg)
+    optimizer = make_optimizer(list(pop.params.values()), cfg, fused=True)
     schedule = dataclasses.replace(cfg, epochs=iterations)  # milestones below 1: fractions of the iterations
     best_loss = torch.full((pop.size,), math.inf, device=device)
     best_iter = torch.zeros(pop.size, dtype=torch.long)

@@ -250,12 +250,6 @@ def mask_density(masks: Masks) -> dict[str, float]:
     return {name: float(mask.float().mean()) for name, mask in masks.items()}
 
 
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a and b| / |a or b| of two bool masks of one shape (1.0 when both keep nothing)."""
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 1.0
-
-
 def expected_jaccard(a: float, b: float) -> float:
     """The Jaccard index two independent uniformly random masks of densities `a` and `b` would have:
     each entry is kept by both with probability ab and by either with a + b - ab."""

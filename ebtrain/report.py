@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import checkpoint
-from .earlybird import mask_distance
+from .earlybird import jaccard, mask_distance
 from .errors import UserError
 from .flops import baseline_cost, ticket_cost
 from .monitor import save_figure  # first: it sets matplotlib's file-only backend
@@ -174,7 +174,7 @@ def ticket_agreement_rows(run_a: str | Path, run_b: str | Path) -> list[dict]:
         rows.append({"ratio": a["ratio"], "eb_epoch_a": a["epoch"], "eb_epoch_b": b["epoch"],
                      "channels": int(ka.numel()),
                      "agree": round(100 * (1 - mask_distance(ka, kb)), 2),
-                     "jaccard": round(100 * int((ka & kb).sum()) / max(1, int((ka | kb).sum())), 2),
+                     "jaccard": round(100 * jaccard(ka, kb), 2),
                      "layers_agree": [round(100 * (1 - mask_distance(la, lb)), 1)
                                       for la, lb in zip(a["keep"], b["keep"])]})
     if not rows:

@@ -12,13 +12,12 @@ from ebtrain.data import BatchLoader, load_data
 from ebtrain.earlybird import channel_scores, draw_mask
 from ebtrain.lottery import (ChannelPruning, WeightPruning, _members, eb_overlap, initial_state, lottery_rows,
                              mask_overlap, run_lottery)
-from ebtrain.population import (SPARSE_BELOW, BlockSparse, Member, Population, make_optimizer, train_members,
-                                _stacked_layer, train_step)
+from ebtrain.population import SPARSE_BELOW, BlockSparse, Member, Population, _stacked_layer, train_members, train_step
 from ebtrain.models import build_model
-from ebtrain.prune import expected_jaccard, jaccard, prunable_weights, random_masks
+from ebtrain.prune import expected_jaccard, prunable_weights, random_masks
 from ebtrain.report import format_rows, run_rows
 from ebtrain.rundir import prepare_run_dir
-from ebtrain.train import make_optimizer as make_module_optimizer
+from ebtrain.train import make_optimizer
 
 from conftest import tiny_config
 
@@ -110,7 +109,7 @@ def test_pruned_weights_stay_zero_with_no_update_or_optimizer_state(optimizer, c
     pop = Population(build_model("lenet300_100", in_channels=1, image_size=8, width=0.25), members,
                      torch.device("cpu"))
     cfg = TrainConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-2, momentum=0.9, weight_decay=5e-3)
-    opt = make_optimizer(list(pop.params.values()), cfg)
+    opt = make_optimizer(list(pop.params.values()), cfg, fused=True)
     start = {n: p.detach().clone() for n, p in pop.params.items()}
     generator = torch.Generator().manual_seed(0)
     for _ in range(10):
@@ -138,7 +137,7 @@ def test_population_of_one_matches_a_plain_module_with_torch_optim(tmp_path, opt
                                   [member], data, cfg.train, torch.device("cpu"), iterations=20, eval_every=20)
     model = build_model("lenet300_100", in_channels=1, image_size=8, width=0.25)
     model.load_state_dict({n: t * member.masks[n] if n in member.masks else t for n, t in member.state.items()})
-    opt = make_module_optimizer(model, cfg.train, torch.device("cpu"))
+    opt = make_optimizer(list(model.parameters()), cfg.train, fused=False)  # the Trainer's on the CPU
     loader = BatchLoader(data.train, 32, mean=data.mean, std=data.std, shuffle=True, seed=member.seed)
     steps = 0
     for epoch in range(10):
@@ -209,10 +208,7 @@ def test_block_sparse_layer_matches_the_masked_dense_layer():
     torch.testing.assert_close(grad_bias, grad_bias_dense)
 
 
-def test_jaccard_on_constructed_masks():
-    a = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
-    b = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
-    assert jaccard(a, b) == pytest.approx(1 / 3) and jaccard(a, a) == 1.0 and jaccard(a, ~a) == 0.0
+def test_mask_overlap_of_random_masks_is_the_expected_jaccard():
     assert expected_jaccard(0.5, 0.5) == pytest.approx(1 / 3) and expected_jaccard(1.0, 0.2) == pytest.approx(0.2)
     generator = torch.Generator().manual_seed(0)
     base = {"w": torch.rand(200, 500, generator=generator) < 0.3, "v": torch.rand(1000, generator=generator) < 0.6}
