@@ -89,7 +89,6 @@ class _StackedLinear(torch.autograd.Function):
 # product and sampled weight gradient (torch 2.14, MKL) beat the dense batched products for
 # LeNet-300-100's 784 -> 300 layer, 9 networks, batch 60 (scripts/bench_lottery.py --density).
 SPARSE_BELOW = 0.25
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 class BlockSparse:
@@ -114,9 +113,13 @@ class BlockSparse:
         return values.new_zeros(self.shape).view(-1).index_copy_(0, self.flat, values).view(self.shape)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The block-diagonal CSR matrix [K * out, K * in] holding `values`."""
         K, out, in_ = self.shape
-        # the pattern is valid by construction: skip the per-call index checks (and their warning)
-        return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
+        with warnings.catch_warnings():
+            # torch warns once per process that CSR support is in beta; the calls used here are stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            # the pattern is valid by construction: skip the per-call index checks
+            return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
 
 
 def _block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from ebtrain.report import format_rows, run_rows
 from ebtrain.rundir import prepare_run_dir
 from ebtrain.train import make_optimizer
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -206,6 +208,27 @@ def test_block_sparse_layer_matches_the_masked_dense_layer():
     (grad_dense, grad_bias_dense) = torch.autograd.grad((want * g).sum(), (dense, bias))
     torch.testing.assert_close(pattern.stacked(grad_values), grad_dense * mask)
     torch.testing.assert_close(grad_bias, grad_bias_dense)
+
+
+def test_the_block_sparse_layer_leaves_no_warning_behind():
+    # torch warns once per process that CSR tensors are beta: a fresh process, every warning an error
+    script = """
+import warnings
+warnings.simplefilter("error")
+import torch
+from ebtrain.population import _stacked_layer
+from ebtrain.population import BlockSparse
+mask = torch.rand(2, 5, 7) < 0.3
+pattern = BlockSparse(mask)
+values = pattern.values(torch.randn(2, 5, 7)).requires_grad_()
+out = _stacked_layer(torch.nn.Linear(7, 5), {"weight": values, "bias": torch.zeros(2, 5)}, torch.randn(2, 4, 7), pattern)
+out.sum().backward()
+message = "Sparse CSR tensor support is in beta state."  # torch's warning, as it begins
+assert not [f for f in warnings.filters if f[1] and f[1].match(message)], "a global filter was installed"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_mask_overlap_of_random_masks_is_the_expected_jaccard():
