@@ -3,10 +3,10 @@
 
     python scripts/bench_lottery.py --out bench_lottery.json [--arch lenet300_100] [--models 1 9] [--density 0.2]
 
-Times `ebtrain.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
+Times `ebtrain.lottery.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
 with its own mask (--density of the weights kept) and data; and, as the plain baseline, one nn.Module
 stepped by the Trainer's optimizer (`ebtrain.train.make_optimizer`) with its gradients masked. For K > 1
-and a linear input layer it also times that layer held block-sparse (`ebtrain.population.BlockSparse`,
+and a linear input layer it also times that layer held block-sparse (`ebtrain.lottery.sparse.BlockSparse`,
 which `ebtrain lottery` uses on the CPU below `SPARSE_BELOW`), so runs at several densities show where
 the sparse path starts to pay. Writes the numbers with the hardware, versions and machine load they
 were measured under.
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from ebtrain.config import TrainConfig  # noqa: E402
 from ebtrain.host_memory import retain_freed_memory  # noqa: E402
 from ebtrain.models import build_model  # noqa: E402
-from ebtrain.population import Member, Population, train_step  # noqa: E402
-from ebtrain.prune import prunable_weights  # noqa: E402
+from ebtrain.lottery.masks import prunable_weights  # noqa: E402
+from ebtrain.lottery.population import Member, Population, train_step  # noqa: E402
 from ebtrain.train import make_optimizer  # noqa: E402
 
 CFG = TrainConfig(optimizer="adam", lr=1.2e-3, weight_decay=0.0, batch_size=60)
@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     timing = dict(iterations=args.iterations, warmup=args.warmup)
     plain = plain_rates(args.arch, image, args.density, device, **timing)
     rows = [{"setup": "plain nn.Module + ebtrain.train.make_optimizer", "models": 1, "rates": plain}]
-    rows += [{"setup": "ebtrain.population (batched)" if k > 1 else "ebtrain.population (one network)",
+    rows += [{"setup": "ebtrain.lottery.population (batched)" if k > 1 else "ebtrain.lottery.population (one network)",
               "models": k, "rates": population_rates(args.arch, k, image, args.density, device, **timing)}
              for k in args.models]
     if args.arch == "lenet300_100":  # the conv nets' input layer is a convolution: no block-sparse path
-        rows += [{"setup": "ebtrain.population (batched, block-sparse input layer)", "models": k,
+        rows += [{"setup": "ebtrain.lottery.population (batched, block-sparse input layer)", "models": k,
                   "rates": population_rates(args.arch, k, image, args.density, device, sparse=True, **timing)}
                  for k in args.models if k > 1]
     results = [{"setup": row["setup"], "models": row["models"], "iterations_per_second": round(row["rates"][0], 2),
