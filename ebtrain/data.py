@@ -384,9 +384,11 @@ def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The generator seed of one epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
+def derived_seed(*parts: object, bits: int = 64) -> int:
+    """A seed for one purpose, a hash of `parts`: (seed, epoch) for a loader's epoch, so a resumed run
+    repeats it; ('reinit', seed, round) for a lottery control, so no two purposes share a seed.
+    `bits` 32 gives a seed NumPy accepts (the low 32 bits of the 64-bit one)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:bits // 8], "little")
 
 
 class BatchLoader:
@@ -446,7 +448,7 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device, generator = len(self.labels), self.device, self._generator
-        generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        generator.manual_seed(derived_seed(self.seed, self.epoch))
         # The order is drawn first, so loaders with and without augmentation share it.
         if self.shuffle:
             order = torch.randperm(n, generator=generator, device=device)

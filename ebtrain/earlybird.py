@@ -182,6 +182,14 @@ def mask_distance(a: ChannelMask | torch.Tensor, b: ChannelMask | torch.Tensor) 
     return int((ka.cpu() != kb.cpu()).sum()) / ka.numel()
 
 
+def jaccard(a: ChannelMask | torch.Tensor, b: ChannelMask | torch.Tensor) -> float:
+    """Jaccard index |a and b| / |a or b|: of the entries either mask keeps, the fraction both keep
+    (1.0 when neither keeps any). ChannelMasks, or bool tensors of one shape (any masks, weights too)."""
+    ka, kb = _keep_vector(a), _keep_vector(b)
+    union = int((ka | kb).sum())
+    return int((ka & kb).sum()) / union if union else 1.0
+
+
 @dataclass
 class Ticket:
     """An Early-Bird ticket: the mask for `ratio` drawn at `epoch`, when the detector's rule fired.

@@ -1,7 +1,8 @@
 """Tables and a plot across runs: one row per method and ratio, as text, markdown, CSV or JSON.
 
 Rows come from a run's summary.json plus every retrain found on disk (RUN/retrain/*/result.json), so a
-ticket retrained later with `ebtrain retrain --init reinit` gets its row too. Columns:
+ticket retrained later with `ebtrain retrain --init reinit` gets its row too; a lottery run's rows come
+from its lottery.json (`lottery_rows`). Columns:
 
     run            the run directory's name
     method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind
@@ -30,12 +31,12 @@ from typing import Iterable, Sequence
 import torch
 
 from . import checkpoint
-from .earlybird import mask_distance
+from .earlybird import jaccard, mask_distance
 from .errors import UserError
 from .flops import baseline_cost, ticket_cost
 from .monitor import save_figure  # first: it sets matplotlib's file-only backend
 from .pipeline import load_ticket
-from .rundir import SUMMARY_FILE
+from .rundir import LOTTERY_FILE, SUMMARY_FILE
 
 import matplotlib.pyplot as plt
 
@@ -97,10 +98,26 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
     return rows
 
 
+def lottery_rows(run_dir: str | Path) -> list[dict]:
+    """Rows of a lottery run (its lottery.json), one per round and arm: ratio is the fraction of weights
+    pruned, final_acc and best_acc the test accuracy at the end and at early stopping, seconds the arm's
+    share of the round's training time (means and sums over seeds)."""
+    summary = checkpoint.load_json(Path(run_dir) / LOTTERY_FILE)
+    rows = []
+    for rnd in summary["rounds"]:
+        for arm, m in rnd["arms"].items():
+            row = dict.fromkeys(COLUMNS)
+            row.update(run=Path(run_dir).resolve().name, method="dense" if rnd["round"] == 0 else f"IMP {arm}",
+                       ratio=round(1 - rnd["remaining"] / 100, 4), final_acc=round(100 * m["test_acc_final"]["mean"], 2),
+                       best_acc=round(100 * m["test_acc_early"]["mean"], 2),
+                       seconds=round(m["seconds"]["mean"] * len(summary["seeds"]), 1))
+            rows.append(row)
+    return rows
+
+
 def run_rows(run_dir: str | Path) -> list[dict]:
-    """Rows of a run directory: its summary.json plus every retrain result on disk."""
+    """Rows of a run directory: its summary.json plus every retrain result on disk, or a lottery run's."""
     run_dir = Path(run_dir)
-    from .lottery import LOTTERY_FILE, lottery_rows  # here: lottery.py imports this module
     if (run_dir / LOTTERY_FILE).is_file():
         return lottery_rows(run_dir)
     retrains = [checkpoint.load_json(p) for p in sorted((run_dir / "retrain").glob("*/result.json"))]
@@ -180,7 +197,7 @@ def ticket_agreement_rows(run_a: str | Path, run_b: str | Path) -> list[dict]:
         rows.append({"ratio": a["ratio"], "eb_epoch_a": a["epoch"], "eb_epoch_b": b["epoch"],
                      "channels": int(ka.numel()),
                      "agree": round(100 * (1 - mask_distance(ka, kb)), 2),
-                     "jaccard": round(100 * int((ka & kb).sum()) / max(1, int((ka | kb).sum())), 2),
+                     "jaccard": round(100 * jaccard(ka, kb), 2),
                      "layers_agree": [round(100 * (1 - mask_distance(la, lb)), 1)
                                       for la, lb in zip(a["keep"], b["keep"])]})
     if not rows:

@@ -14,6 +14,7 @@ from .errors import UserError
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+LOTTERY_FILE = "lottery.json"  # a lottery run's summary (ebtrain.lottery)
 
 
 def default_run_dir(cfg: Config) -> Path:

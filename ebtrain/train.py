@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import TrainConfig, compile_step, resolve_milestones
+from .config import Config, TrainConfig, compile_step, resolve_milestones
 from .data import BatchLoader, DataBundle
 from .errors import UserError
+from .models import build_model
 from .monitor import Monitor
 
 
@@ -92,28 +93,51 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** passed
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (fused on CUDA) or Adam, with weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam, with weight decay, over `params`. `fused`: one elementwise kernel per
+    step (the Trainer asks for it on CUDA; the lottery's stacked networks everywhere, where each stacked
+    tensor then steps as its networks' separate optimizers would)."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=device.type == "cuda")
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def new_model(cfg: Config, data: DataBundle, seed: int | None = None) -> nn.Module:
+    """The network `cfg.model` asks for, shaped for `data`; with `seed`, its initial weights are that
+    seed's (everything is seeded first)."""
+    if seed is not None:
+        seed_everything(seed)
+    return build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                       width=cfg.model.width, image_size=data.image_size)
 
 
 @torch.no_grad()
+def evaluation_sums(forward: Callable[[torch.Tensor], torch.Tensor], loader: BatchLoader
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy loss and number of correct predictions over the whole of `loader`'s data.
+
+    `forward` maps a batch x [B, ...] to logits [..., B, classes]; leading axes (one per network when
+    several networks see the same batch) are kept in the sums, the batch axis is summed over."""
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    for x, y in loader:
+        out = forward(x).float()
+        labels = y.expand(out.shape[:-1])
+        loss_sum = loss_sum + F.cross_entropy(out.movedim(-1, 1), labels, reduction="none").sum(-1)
+        correct = correct + (out.argmax(-1) == labels).sum(-1)
+    return loss_sum, correct
+
+
 def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
     """Mean loss and accuracy over the whole of `loader`'s data (exact, no dropped batch); under torchrun
     each rank evaluates its share of the data and the sums are added up over the ranks."""
     model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in loader:
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
         with _autocast(x.device):
-            out = model(_layout(x))
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
+            return model(_layout(x))
+
+    loss_sum, correct = evaluation_sums(forward, loader)
     n = loader.num_samples
     return distributed.all_reduce_sum(loss_sum).item() / n, distributed.all_reduce_sum(correct).item() / n
 
@@ -213,7 +237,8 @@ class Trainer:
         self.epoch = start_epoch  # next epoch index to train (0-based), = epochs completed
         self.progress = progress and distributed.is_main()
         self.name = name
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg,
+                                        fused=device.type == "cuda")
         self.history: list[dict] = []
         self.steps = 0
         self.seconds = 0.0

@@ -3,10 +3,10 @@
 
     python scripts/bench_lottery.py --out bench_lottery.json [--arch lenet300_100] [--models 1 9] [--density 0.2]
 
-Times `ebtrain.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
+Times `ebtrain.lottery.population.train_step` on MNIST-shaped synthetic batches (batch 60, Adam), each network
 with its own mask (--density of the weights kept) and data; and, as the plain baseline, one nn.Module
 stepped by the Trainer's optimizer (`ebtrain.train.make_optimizer`) with its gradients masked. For K > 1
-and a linear input layer it also times that layer held block-sparse (`ebtrain.population.BlockSparse`,
+and a linear input layer it also times that layer held block-sparse (`ebtrain.lottery.sparse.BlockSparse`,
 which `ebtrain lottery` uses on the CPU below `SPARSE_BELOW`), so runs at several densities show where
 the sparse path starts to pay. Writes the numbers with the hardware, versions and machine load they
 were measured under.
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from ebtrain.config import TrainConfig  # noqa: E402
 from ebtrain.host_memory import retain_freed_memory  # noqa: E402
 from ebtrain.models import build_model  # noqa: E402
-from ebtrain.population import Member, Population, make_optimizer, train_step  # noqa: E402
-from ebtrain.prune import prunable_weights  # noqa: E402
-from ebtrain.train import make_optimizer as module_optimizer  # noqa: E402
+from ebtrain.lottery.masks import prunable_weights  # noqa: E402
+from ebtrain.lottery.population import Member, Population, train_step  # noqa: E402
+from ebtrain.train import make_optimizer  # noqa: E402
 
 CFG = TrainConfig(optimizer="adam", lr=1.2e-3, weight_decay=0.0, batch_size=60)
 
@@ -62,7 +62,7 @@ def population_rates(arch: str, k: int, image: tuple[int, int, int], density: fl
                for seed, (model, masks) in enumerate(_network(arch, image, density) for _ in range(k))]
     pop = Population(build_model(arch, in_channels=image[0], image_size=image[1]), members, device,
                      sparse_below=2.0 if sparse else 0.0)  # at any density, or at none
-    optimizer = make_optimizer(list(pop.params.values()), CFG)
+    optimizer = make_optimizer(list(pop.params.values()), CFG, fused=True)  # as the population trains
     x = torch.randn(k, CFG.batch_size, *image, device=device)
     y = torch.randint(10, (k, CFG.batch_size), device=device)
     return _rates(lambda: train_step(pop, optimizer, x, y), device=device, **timing)
@@ -74,7 +74,7 @@ def plain_rates(arch: str, image: tuple[int, int, int], density: float, device: 
     model, masks = _network(arch, image, density)
     model.to(device)
     weights = [(p, masks[n].to(device, p.dtype)) for n, p in model.named_parameters() if n in masks]
-    optimizer = module_optimizer(model, CFG, device)
+    optimizer = make_optimizer(list(model.parameters()), CFG, fused=device.type == "cuda")  # as the Trainer does
     x = torch.randn(CFG.batch_size, *image, device=device)
     y = torch.randint(10, (CFG.batch_size,), device=device)
 
@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     timing = dict(iterations=args.iterations, warmup=args.warmup)
     plain = plain_rates(args.arch, image, args.density, device, **timing)
     rows = [{"setup": "plain nn.Module + ebtrain.train.make_optimizer", "models": 1, "rates": plain}]
-    rows += [{"setup": "ebtrain.population (batched)" if k > 1 else "ebtrain.population (one network)",
+    rows += [{"setup": "ebtrain.lottery.population (batched)" if k > 1 else "ebtrain.lottery.population (one network)",
               "models": k, "rates": population_rates(args.arch, k, image, args.density, device, **timing)}
              for k in args.models]
     if args.arch == "lenet300_100":  # the conv nets' input layer is a convolution: no block-sparse path
-        rows += [{"setup": "ebtrain.population (batched, block-sparse input layer)", "models": k,
+        rows += [{"setup": "ebtrain.lottery.population (batched, block-sparse input layer)", "models": k,
                   "rates": population_rates(args.arch, k, image, args.density, device, sparse=True, **timing)}
                  for k in args.models if k > 1]
     results = [{"setup": row["setup"], "models": row["models"], "iterations_per_second": round(row["rates"][0], 2),

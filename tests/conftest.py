@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ebtrain.config import Config, apply_overrides
 
@@ -39,3 +40,26 @@ TINY_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "256", "--image-size
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_config(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    # tensors in the lottery tests are tiny: OpenMP threads only add synchronization, and on a busy
+    # machine a lot of it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LENET = {"model": {"arch": "lenet300_100", "width": 0.25},
+         "data": {"channels": 1, "val_size": 64, "synthetic_size": 256, "image_size": 8},
+         "train": {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "milestones": []}}
+
+
+def lottery_config(tmp_path: Path, lottery=None, **sections) -> Config:
+    """A lottery experiment that runs in seconds: a narrow LeNet-300-100, 2 rounds of 12 iterations."""
+    merged = {k: dict(v) for k, v in LENET.items()}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return tiny_config(tmp_path, lottery={"rounds": 2, "iterations": 12, "eval_every": 4, **(lottery or {})}, **merged)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ebtrain.earlybird import (ChannelMask, EarlyBird, channel_scores, draw_mask, mask_distance,
+from ebtrain.earlybird import (ChannelMask, EarlyBird, channel_scores, draw_mask, jaccard, mask_distance,
                                prunable_bns)
 
 
@@ -312,6 +312,15 @@ def test_mask_distance_rejects_mismatched_masks():
         mask_distance(ChannelMask(keep_of("1100"), (2, 2)), ChannelMask(keep_of("1100"), (1, 3)))
     with pytest.raises(ValueError, match="bool"):
         mask_distance(torch.ones(4), keep_of("1100"))
+
+
+def test_jaccard_on_constructed_masks():
+    a = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
+    assert jaccard(a, b) == pytest.approx(1 / 3) and jaccard(a, a) == 1.0 and jaccard(a, ~a) == 0.0
+    assert jaccard(torch.zeros(3, 2, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.bool)) == 1.0
+    drawn = draw_mask([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 0.4)
+    assert jaccard(drawn, drawn.keep) == 1.0 and jaccard(drawn, a[:1].repeat(5)) == pytest.approx(3 / 5)
 
 
 # -- detector ----------------------------------------------------------------------------------

@@ -1,46 +1,28 @@
+"""The lottery-ticket experiment: pruning strategies, analyses, the rounds on disk, resume, the CLI."""
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ebtrain import checkpoint
 from ebtrain.cli import main
-from ebtrain.config import LotteryConfig, TrainConfig
-from ebtrain.data import BatchLoader, load_data
+from ebtrain.config import LotteryConfig
+from ebtrain.data import load_data
 from ebtrain.earlybird import channel_scores, draw_mask
-from ebtrain.lottery import (ChannelPruning, WeightPruning, _members, eb_overlap, initial_state, lottery_rows,
-                             mask_overlap, run_lottery)
-from ebtrain.population import (SPARSE_BELOW, BlockSparse, Member, Population, make_optimizer, train_members,
-                                _stacked_layer, train_step)
+from ebtrain.lottery import run_lottery
+from ebtrain.lottery.analyses import eb_overlap, expected_jaccard, mask_overlap
+from ebtrain.lottery.experiment import _members, initial_state
+from ebtrain.lottery.masks import prunable_weights, random_masks
+from ebtrain.lottery.population import Member, Population, train_members
+from ebtrain.lottery.pruning import ChannelPruning, WeightPruning
 from ebtrain.models import build_model
-from ebtrain.prune import expected_jaccard, jaccard, prunable_weights, random_masks
-from ebtrain.report import format_rows, run_rows
+from ebtrain.report import format_rows, lottery_rows, run_rows
 from ebtrain.rundir import prepare_run_dir
-from ebtrain.train import make_optimizer as make_module_optimizer
 
-from conftest import tiny_config
+from conftest import lottery_config
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tensors here are tiny: OpenMP threads only add synchronization, and on a busy machine a lot of it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-LENET = {"model": {"arch": "lenet300_100", "width": 0.25},
-         "data": {"channels": 1, "val_size": 64, "synthetic_size": 256, "image_size": 8},
-         "train": {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "milestones": []}}
-
-
-def lottery_config(tmp_path, lottery=None, **sections):
-    merged = {k: dict(v) for k, v in LENET.items()}
-    for section, values in sections.items():
-        merged.setdefault(section, {}).update(values)
-    return tiny_config(tmp_path, lottery={"rounds": 2, "iterations": 12, "eval_every": 4, **(lottery or {})}, **merged)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_state(model, generator):
@@ -91,128 +73,7 @@ def test_global_pruning_hits_the_global_target():
     assert densities["layers.5.weight"] == 1.0 and densities["layers.1.weight"] < 0.8 ** 4
 
 
-def lenet_members(count, density=0.3, optimizer_seed=0):
-    generator = torch.Generator().manual_seed(optimizer_seed)
-    members = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = build_model("lenet300_100", in_channels=1, image_size=8, width=0.25)
-        masks = {n: torch.rand(model.state_dict()[n].shape, generator=generator) < density
-                 for n in prunable_weights(model)}
-        members.append(Member(seed, ["ticket", "reinit", "random-prune"][seed % 3], model.state_dict(), masks))
-    return members
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("count", [1, 3])
-def test_pruned_weights_stay_zero_with_no_update_or_optimizer_state(optimizer, count):
-    members = lenet_members(count)
-    pop = Population(build_model("lenet300_100", in_channels=1, image_size=8, width=0.25), members,
-                     torch.device("cpu"))
-    cfg = TrainConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-2, momentum=0.9, weight_decay=5e-3)
-    opt = make_optimizer(list(pop.params.values()), cfg)
-    start = {n: p.detach().clone() for n, p in pop.params.items()}
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        x = torch.randn(count, 16, 1, 8, 8, generator=generator)
-        train_step(pop, opt, x, torch.randint(4, (count, 16), generator=generator))
-    for name, mask in pop.masks.items():
-        weight = pop.params[name].detach()
-        assert torch.equal(weight[~mask], torch.zeros_like(weight[~mask])), name
-        assert not torch.equal(weight[mask], start[name][mask]), f"{name}: kept weights did not train"
-        for key, value in opt.state[pop.params[name]].items():
-            if value.shape == weight.shape:  # momentum buffer, exp_avg, exp_avg_sq
-                assert not value[~mask].any(), f"{name}: {key} is not zero at pruned weights"
-    unmasked = [n for n in pop.params if n not in pop.masks]
-    assert unmasked and all(not torch.equal(pop.params[n], start[n]) for n in unmasked)  # biases train
-
-
-@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 2e-3)])
-def test_population_of_one_matches_a_plain_module_with_torch_optim(tmp_path, optimizer, lr):
-    # the stacked, fused optimizer against the Trainer's per-module optimizer, same batches and masks
-    cfg = lottery_config(tmp_path, train={"optimizer": optimizer, "lr": lr, "momentum": 0.9, "weight_decay": 1e-3,
-                                          "batch_size": 32})
-    data = load_data(cfg.data, seed=1)
-    [member] = lenet_members(1)
-    _, [final], _ = train_members(lambda: build_model("lenet300_100", in_channels=1, image_size=8, width=0.25),
-                                  [member], data, cfg.train, torch.device("cpu"), iterations=20, eval_every=20)
-    model = build_model("lenet300_100", in_channels=1, image_size=8, width=0.25)
-    model.load_state_dict({n: t * member.masks[n] if n in member.masks else t for n, t in member.state.items()})
-    opt = make_module_optimizer(model, cfg.train, torch.device("cpu"))
-    loader = BatchLoader(data.train, 32, mean=data.mean, std=data.std, shuffle=True, seed=member.seed)
-    steps = 0
-    for epoch in range(10):
-        loader.set_epoch(epoch)
-        for x, y in loader:
-            if steps == 20:
-                break
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            for name, p in model.named_parameters():
-                if name in member.masks:
-                    p.grad *= member.masks[name]
-            opt.step()
-            steps += 1
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("arch,density", [("lenet300_100", 0.4), ("conv2", 0.4),
-                                          ("lenet300_100", SPARSE_BELOW / 3)])  # block-sparse input layer
-def test_batched_training_equals_one_at_a_time(tmp_path, arch, density):
-    cfg = lottery_config(tmp_path, model={"arch": arch}, data={"channels": 3})
-    data = load_data(cfg.data, seed=1)
-
-    def make_model():
-        return build_model(arch, num_classes=4, in_channels=3, image_size=8, width=0.25)
-
-    members = []
-    generator = torch.Generator().manual_seed(0)
-    for seed, arm in ((1, "ticket"), (1, "reinit"), (2, "ticket")):  # two share a data order, as arms do
-        torch.manual_seed(seed * 10 + len(members))
-        state = make_model().state_dict()
-        masks = {n: torch.rand(state[n].shape, generator=generator) < density for n in prunable_weights(make_model())}
-        members.append(Member(seed, arm, state, masks))
-    sparse = Population(make_model(), members, torch.device("cpu"), sparse_below=SPARSE_BELOW).sparse
-    assert list(sparse) == (["layers.1.weight"] if density < SPARSE_BELOW and arch == "lenet300_100" else [])
-    run = dict(data=data, cfg=cfg.train, device=torch.device("cpu"), iterations=8, eval_every=2)
-    batched = train_members(make_model, members, batched=True, **run)
-    alone = train_members(make_model, members, batched=False, **run)
-    for got, want in zip(batched[0], alone[0]):
-        assert got["early_stop_iter"] == want["early_stop_iter"]
-        for key in ("test_acc_early", "test_acc_final", "train_acc_final", "val_loss_min"):
-            assert got[key] == pytest.approx(want[key], abs=2e-3), key
-    for got, want in zip(batched[1], alone[1]):
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_block_sparse_layer_matches_the_masked_dense_layer():
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.rand(3, 5, 7, generator=generator) < 0.3
-    mask[1, 2] = False  # a unit with no input left, and a network's block with rows of every kind
-    weight = torch.randn(3, 5, 7, generator=generator) * mask
-    pattern = BlockSparse(mask)
-    torch.testing.assert_close(pattern.stacked(pattern.values(weight)), weight, rtol=0, atol=0)
-    torch.testing.assert_close(pattern.matrix(pattern.values(weight)).to_dense(), torch.block_diag(*weight))
-    x = torch.randn(3, 4, 7, generator=generator)
-    bias = torch.randn(3, 5, generator=generator, requires_grad=True)
-    values = pattern.values(weight).requires_grad_()
-    dense = weight.clone().requires_grad_()
-    out = _stacked_layer(torch.nn.Linear(7, 5), {"weight": values, "bias": bias}, x, pattern)
-    want = _stacked_layer(torch.nn.Linear(7, 5), {"weight": dense, "bias": bias}, x)
-    torch.testing.assert_close(out, want)
-    g = torch.randn(3, 4, 5, generator=generator)
-    (grad_values, grad_bias) = torch.autograd.grad((out * g).sum(), (values, bias))
-    (grad_dense, grad_bias_dense) = torch.autograd.grad((want * g).sum(), (dense, bias))
-    torch.testing.assert_close(pattern.stacked(grad_values), grad_dense * mask)
-    torch.testing.assert_close(grad_bias, grad_bias_dense)
-
-
-def test_jaccard_on_constructed_masks():
-    a = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
-    b = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
-    assert jaccard(a, b) == pytest.approx(1 / 3) and jaccard(a, a) == 1.0 and jaccard(a, ~a) == 0.0
+def test_mask_overlap_of_random_masks_is_the_expected_jaccard():
     assert expected_jaccard(0.5, 0.5) == pytest.approx(1 / 3) and expected_jaccard(1.0, 0.2) == pytest.approx(0.2)
     generator = torch.Generator().manual_seed(0)
     base = {"w": torch.rand(200, 500, generator=generator) < 0.3, "v": torch.rand(1000, generator=generator) < 0.6}

@@ -123,8 +123,9 @@ def test_bench_lottery_times_plain_batched_and_block_sparse_training(tmp_path):
     result = json.loads(out.read_text())
     assert result["density"] == 0.1 and result["freed_memory_retained"] in (True, False)
     assert [(r["setup"], r["models"]) for r in result["results"]] == [
-        ("plain nn.Module + ebtrain.train.make_optimizer", 1), ("ebtrain.population (one network)", 1),
-        ("ebtrain.population (batched)", 3), ("ebtrain.population (batched, block-sparse input layer)", 3)]
+        ("plain nn.Module + ebtrain.train.make_optimizer", 1), ("ebtrain.lottery.population (one network)", 1),
+        ("ebtrain.lottery.population (batched)", 3),
+        ("ebtrain.lottery.population (batched, block-sparse input layer)", 3)]
     for row in result["results"]:
         assert row["network_steps_per_second"] == pytest.approx(row["models"] * row["iterations_per_second"], rel=0.01)
         assert row["iterations_per_second"] > 0

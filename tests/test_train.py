@@ -1,21 +1,19 @@
 import json
 
+import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ebtrain.data import load_data
-from ebtrain.models import build_model
-from ebtrain.train import Trainer, learning_rate, seed_everything
+from ebtrain.data import BatchLoader, load_data
+from ebtrain.train import Trainer, evaluate, evaluation_sums, learning_rate, new_model
 
 from conftest import tiny_config
 
 
 def make_trainer(cfg, out_dir, end_epoch=None, **kwargs):
     data = load_data(cfg.data, seed=cfg.train.seed)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                        width=cfg.model.width, image_size=data.image_size)
-    return Trainer(model, data, cfg.train, device=torch.device("cpu"), out_dir=out_dir, end_epoch=end_epoch,
+    return Trainer(new_model(cfg, data, cfg.train.seed), data, cfg.train, device=torch.device("cpu"), out_dir=out_dir, end_epoch=end_epoch,
                    **kwargs)
 
 
@@ -24,6 +22,20 @@ def test_learning_rate_follows_global_milestones(tiny):
     cfg.epochs, cfg.milestones, cfg.lr = 40, [0.5, 0.75], 0.1
     assert [learning_rate(cfg, e) for e in (0, 19, 20, 29, 30, 39)] == \
         [0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1, 0.1 * 0.1 * 0.1, 0.1 * 0.1 * 0.1]
+
+
+def test_evaluation_sums_keep_one_sum_per_network_that_sees_the_batch(tiny):
+    data = load_data(tiny.data, seed=1)
+    loader = BatchLoader(data.test, 100, mean=data.mean, std=data.std)
+    models = [new_model(tiny, data, seed).eval() for seed in (1, 2)]
+    loss, correct = evaluation_sums(lambda x: torch.stack([m(x) for m in models]), loader)
+    assert loss.shape == correct.shape == (2,)
+    for k, model in enumerate(models):
+        with torch.no_grad():
+            want = sum(float(F.cross_entropy(model(xb), yb, reduction="sum")) for xb, yb in loader)
+        assert float(loss[k]) == pytest.approx(want, rel=1e-5)
+        assert evaluate(model, loader) == pytest.approx((float(loss[k]) / loader.num_samples,
+                                                         int(correct[k]) / loader.num_samples))
 
 
 def test_training_learns_and_writes_metrics(tmp_path):

@@ -1,5 +1,5 @@
 """K networks of one architecture trained in lockstep, each with its own mask, initialization, data order
-and early-stopping record: the engine of the lottery-ticket experiments (lottery.py).
+and early-stopping record: the engine of the lottery-ticket experiments (experiment.py).
 
     records, finals, _ = train_members(make_model, members, data, cfg.train, device, iterations, eval_every)
 
@@ -9,15 +9,8 @@ model: parameters stacked on a leading model axis, one forward pass with batched
 are elementwise, so this is the same as K optimizers). Otherwise each trains alone (the one-model
 path, for every architecture). Both give the same results to float tolerance. Masks hold through
 training: a pruned weight starts at zero and its gradient is zeroed before every step, so it gets no
-update, momentum or weight decay.
-
-Late rounds keep a few percent of the weights, and dense products would spend nearly all their
-arithmetic on zeros. On the CPU, a batched model whose input layer is linear and keeps less than
-`SPARSE_BELOW` of its weights holds only the kept weights of that layer (`BlockSparse`): its forward
-pass is one sparse-dense product with the K networks' weights as a block-diagonal CSR matrix, its
-weight gradient is computed at the kept positions only (a sampled product), and the optimizer steps
-only those. The arithmetic is the dense path's with the zeros left out, so results agree with it to
-float tolerance.
+update, momentum or weight decay. On the CPU a sparse enough input layer is held block-sparse
+(sparse.py).
 """
 from __future__ import annotations
 
@@ -26,7 +19,6 @@ import itertools
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -35,11 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .config import TrainConfig
-from .data import BatchLoader, DataBundle
-from .errors import UserError
-from .prune import Masks, apply_masks
-from .train import learning_rate
+from ..config import TrainConfig
+from ..data import BatchLoader, DataBundle
+from ..errors import UserError
+from ..train import evaluation_sums, learning_rate, make_optimizer
+from .masks import Masks, apply_masks
+from .sparse import SPARSE_BELOW, BlockSparse, block_sparse_linear
 
 
 @dataclass
@@ -85,77 +78,12 @@ class _StackedLinear(torch.autograd.Function):
         return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
 
 
-# Density below which a batched input layer trains block-sparse on the CPU: where the sparse forward
-# product and sampled weight gradient (torch 2.14, MKL) beat the dense batched products for
-# LeNet-300-100's 784 -> 300 layer, 9 networks, batch 60 (scripts/bench_lottery.py --density).
-SPARSE_BELOW = 0.25
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-
-
-class BlockSparse:
-    """The kept positions of K stacked weights [K, out, in] as one block-diagonal CSR pattern of shape
-    [K * out, K * in]: network k's weight is the block at rows k * out.., columns k * in... Its values
-    (the kept weights, in CSR order) are what trains."""
-
-    def __init__(self, mask: torch.Tensor):
-        k, o, i = mask.nonzero(as_tuple=True)  # row-major: rows k * out + o ascend, columns within a row too
-        K, out, in_ = self.shape = tuple(mask.shape)
-        self.crow = torch.zeros(K * out + 1, dtype=torch.long, device=mask.device)
-        self.crow[1:] = torch.bincount(k * out + o, minlength=K * out).cumsum(0)
-        self.col = k * in_ + i
-        self.flat = mask.reshape(-1).nonzero().squeeze(1)  # where each value sits in the stacked weight
-
-    def values(self, stacked: torch.Tensor) -> torch.Tensor:
-        """The kept entries of a stacked weight [K, out, in], in CSR order."""
-        return stacked.reshape(-1)[self.flat]
-
-    def stacked(self, values: torch.Tensor) -> torch.Tensor:
-        """The stacked weight [K, out, in] with `values` at the kept positions and zeros elsewhere."""
-        return values.new_zeros(self.shape).view(-1).index_copy_(0, self.flat, values).view(self.shape)
-
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        K, out, in_ = self.shape
-        # the pattern is valid by construction: skip the per-call index checks (and their warning)
-        return torch.sparse_csr_tensor(self.crow, self.col, values, (K * out, K * in_), check_invariants=False)
-
-
-def _block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """K linear layers with block-sparse weights: x [K, B, in], `weight` the block-diagonal CSR matrix
-    [K * out, K * in] (`BlockSparse.matrix`), bias [K, out] -> [K, B, out], as one product for all K
-    (the inputs stacked network by network down the rows)."""
-    K, B, in_ = x.shape
-    out = torch.sparse.mm(weight, x.transpose(1, 2).reshape(K * in_, B))
-    return out.view(K, -1, B).transpose(1, 2) + bias.unsqueeze(1)
-
-
-class _BlockSparseLinear(torch.autograd.Function):
-    """`_block_sparse_linear` with its backward, on an input that needs no gradient (the first layer)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pattern: BlockSparse) -> torch.Tensor:
-        ctx.weight = pattern.matrix(values)  # the forward's product, then the backward's sampling pattern
-        ctx.save_for_backward(x.transpose(0, 1).reshape(x.shape[1], -1))  # [B, K * in]: the gradient's layout
-        return _block_sparse_linear(x, ctx.weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inputs,) = ctx.saved_tensors
-        K, B, out = grad.shape
-        rows = grad.transpose(1, 2).reshape(K * out, B)
-        # d loss / d w[r, c] = sum_b grad[r, b] * x[c, b], computed at the kept (r, c) only
-        grad_values = torch.sparse.sampled_addmm(ctx.weight, rows, inputs, beta=0.0).values()
-        return None, grad_values, grad.sum(1), None
-
-
 def _stacked_layer(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                    pattern: BlockSparse | None = None) -> torch.Tensor:
     """One layer of K networks on x [K, B, ...]; `pattern` when its weight is held block-sparse."""
     # a snapshot passed as params holds the weight stacked [K, out, in]: that takes the dense path
     if pattern is not None and params["weight"].dim() == 1:
-        if torch.is_grad_enabled():
-            return _BlockSparseLinear.apply(x, params["weight"], params["bias"], pattern)
-        # evaluation builds no graph, so it skips the copy of x the backward would need
-        return _block_sparse_linear(x, pattern.matrix(params["weight"]), params["bias"])
+        return block_sparse_linear(x, params["weight"], params["bias"], pattern)
     if isinstance(layer, nn.Linear):
         return _StackedLinear.apply(x, params["weight"], params["bias"])
     if params:  # conv: vmap turns K convolutions into one grouped convolution
@@ -244,14 +172,6 @@ def _input_linear_weight(model: nn.Module) -> str | None:
     return None
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD with momentum, fused: one elementwise pass over each stacked tensor, so K stacked
-    networks step exactly as K separate optimizers would."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
-
-
 def train_step(pop: Population, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     """One optimizer step of every network on its own batch: x [K, B, ...], y [K, B]."""
     out = pop(x)
@@ -269,17 +189,11 @@ def _endless(loader: BatchLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
         yield from loader
 
 
-@torch.no_grad()
 def _evaluate(pop: Population, loader: BatchLoader, params: dict[str, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy [K] of every network over the whole of `loader`'s data."""
     pop.model.eval()
-    loss = torch.zeros(pop.size, device=loader.device)
-    correct = torch.zeros(pop.size, device=loader.device)
-    for x, y in loader:
-        out = pop(x, params, shared=True)
-        loss += F.cross_entropy(out.transpose(1, 2), y.expand(pop.size, -1), reduction="none").sum(1)
-        correct += (out.argmax(2) == y).sum(1)
+    loss, correct = evaluation_sums(lambda x: pop(x, params, shared=True), loader)
     pop.model.train()
     return loss / loader.num_samples, correct / loader.num_samples
 
@@ -302,7 +216,7 @@ def train_population(pop: Population, members: list[Member], data: DataBundle, c
     # one evaluation batch holds eval_batch_size images over all K networks, so memory stays bounded
     eval_batch = max(1, cfg.eval_batch_size // pop.size)
     val = BatchLoader(data.val, eval_batch, **norm)
-    optimizer = make_optimizer(list(pop.params.values()), cfg)
+    optimizer = make_optimizer(list(pop.params.values()), cfg, fused=True)
     schedule = dataclasses.replace(cfg, epochs=iterations)  # milestones below 1: fractions of the iterations
     best_loss = torch.full((pop.size,), math.inf, device=device)
     best_iter = torch.zeros(pop.size, dtype=torch.long)
