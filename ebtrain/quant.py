@@ -32,9 +32,13 @@ one per sample for activations and errors.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .train import Hook, Trainer
 
 ROUNDINGS = ("stochastic", "nearest")
@@ -122,7 +126,8 @@ class BFPTraining(Hook):
     before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm and the loss
     stay in full precision. Training rounds with `rounding`; evaluation (eval mode) rounds activations
     to nearest, so a test score does not depend on random draws. The random draws come from one
-    generator on `device` seeded with `seed`, saved in the trainer's checkpoint for an exact resume.
+    generator on `device` seeded with `seed`, saved in the trainer's checkpoint for an exact resume on
+    the same kind of device (on another, `load_state_dict` re-seeds).
     The weights are rounded (to nearest) already here, so the first step sees BFP weights too.
     """
 
@@ -167,4 +172,24 @@ class BFPTraining(Hook):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        """Continue the random draws saved by `state_dict`, exactly where the device kind is the same.
+
+        A generator's state belongs to its kind of device (CPU: a 5,056-byte Mersenne Twister; CUDA: a
+        16-byte Philox seed and offset) and does not load into another kind. A run resumed on another
+        kind of device re-seeds instead, from a hash of the saved state: deterministic and different for
+        every checkpoint, but not the draws an uninterrupted run would have made.
+        """
+        saved = state["generator"]
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        self.generator.manual_seed(_seed_from(saved))
+        if distributed.is_main():
+            print(f"ebtrain: the {self.bits}-bit rounding's random state was saved on another kind of device; "
+                  "re-seeded from it, so the resumed run rounds with draws of its own", file=sys.stderr, flush=True)
+
+
+def _seed_from(state: torch.Tensor) -> int:
+    """A 63-bit seed that depends on every byte of a generator state."""
+    digest = hashlib.sha256(state.cpu().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -174,6 +174,19 @@ def test_generator_state_round_trips_for_resume():
     assert torch.equal(hook.quantize(x, True), first)
 
 
+def test_generator_state_from_another_device_kind_reseeds_deterministically(capsys):
+    # a CUDA generator's state is a 16-byte Philox seed and offset; a CPU generator's, 5,056 bytes
+    philox = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    x = torch.randn(10, 10)
+    draws = []
+    for state in (philox, philox, philox.flip(0)):
+        hook = BFPTraining(nn.Linear(2, 2), seed=3)
+        hook.load_state_dict({"generator": state})
+        draws.append(hook.quantize(x, True))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert "saved on another kind of device" in capsys.readouterr().err
+
+
 def test_quantized_search_draws_tickets_and_retrains_in_full_precision(tmp_path):
     cfg = tiny_config(tmp_path, search={"ratios": [0.5], "eps": 0.9, "queue_length": 2, "precision": "bfp8"},
                       train={"epochs": 3})
