@@ -1,9 +1,14 @@
 """Simulated low-precision training in block floating point (BFP), in plain PyTorch.
 
-The Early-Bird paper's low-cost search trains in 8-bit block floating point with stochastic rounding
-(QPyTorch's `BlockFloatingPoint(wl=8)`) on weights, activations, gradients, errors and momentum, with
-BatchNorm in full precision. This module simulates that arithmetic: every number is rounded to a value
-the format can hold and stored in the tensor's own dtype, so it costs time rather than saving it.
+The Early-Bird paper's low-cost search trains in "8-bit block floating point" with stochastic rounding
+(QPyTorch's `BlockFloatingPoint(wl=8)`) "on weights, activations, gradients, errors and momentum", with
+"BN in full precision". This module simulates that arithmetic: every number is rounded to a value the
+format can hold and stored in the tensor's own dtype, so it costs time rather than saving it.
+
+What stays in full precision (float32): BatchNorm, the loss, and the model's last conv or linear layer
+in module order (the classifier): its weights, gradients, momentum, output and the error arriving at
+it. The authors' 8-bit code likewise hands the loss unrounded logits (it does round the classifier's
+weights and updates).
 
 The format, QPyTorch's `block_quantize` convention (its CPU kernel adds 6 * 2^e to x and rounds the sum
 to `wl` mantissa bits, which is a grid of 2^(e + 2 - wl)). A block of numbers shares one exponent
@@ -121,13 +126,14 @@ class _RoundActivation(torch.autograd.Function):
 class BFPTraining(Hook):
     """Trains `model` in simulated block floating point: attach to a Trainer as a hook.
 
-    Rounds, with `bits`-bit words: the output of every conv and linear layer (forward) and the error
-    arriving at it (backward), through forward hooks on those layers; their parameters' gradients
-    before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm and the loss
-    stay in full precision. Training rounds with `rounding`; evaluation (eval mode) rounds activations
-    to nearest, so a test score does not depend on random draws. The random draws come from one
-    generator on `device` seeded with `seed`, saved in the trainer's checkpoint for an exact resume on
-    the same kind of device (on another, `load_state_dict` re-seeds).
+    Rounds, with `bits`-bit words: the output of every conv and linear layer but the last (forward) and
+    the error arriving at it (backward), through forward hooks on those layers; their parameters'
+    gradients before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm, the
+    loss and the last conv or linear layer in module order (the classifier: its weights, gradients,
+    momentum, output and error) stay in full precision. Training rounds with `rounding`; evaluation
+    (eval mode) rounds activations to nearest, so a test score does not depend on random draws. The
+    random draws come from one generator on `device` seeded with `seed`, saved in the trainer's
+    checkpoint for an exact resume on the same kind of device (on another, `load_state_dict` re-seeds).
     The weights are rounded (to nearest) already here, so the first step sees BFP weights too.
     """
 
@@ -139,6 +145,10 @@ class BFPTraining(Hook):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
+        if len(layers) < 2:
+            raise ValueError(f"the model has {len(layers)} conv or linear layers: BFPTraining keeps the last "
+                             "one in full precision, so it needs at least two")
+        layers = layers[:-1]  # the classifier stays in full precision
         self.params = [p for layer in layers for p in layer.parameters(recurse=False)]
         for layer in layers:
             layer.register_forward_hook(self._round_output)
