@@ -102,6 +102,18 @@ class ChannelMask:
         return int((~self.keep).sum())
 
 
+def _channel_count(fraction: float, n: int, *, round_up: bool = False) -> int:
+    """floor(fraction * n), or ceil(fraction * n) when `round_up`, where a product within 1e-9 of an
+    integer counts as that integer.
+
+    The float product misses the integer a user means by a few units in the last place (0.7 * 90 is
+    62.99999999999999, 0.07 * 100 is 7.000000000000001), which floor and ceil would turn into a whole
+    channel; 1e-9 is far above that error and far below a fraction of a channel anyone asks for.
+    """
+    product = fraction * n
+    return math.ceil(product - 1e-9) if round_up else math.floor(product + 1e-9)
+
+
 def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.0) -> ChannelMask:
     """Prune the floor(ratio * N) globally smallest channel scores, keeping a floor of channels per layer.
 
@@ -115,7 +127,9 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
     network the one- to five-channel layers that the global ranking can leave at high ratios.
     `kept_back` counts the protected channels that the plain ranking would have pruned. If
     floor(ratio * N) exceeds the unprotected channels, all of those are pruned and `num_pruned` falls
-    short of floor(ratio * N); the shortfall is among the `kept_back` channels.
+    short of floor(ratio * N); the shortfall is among the `kept_back` channels. These floors and
+    ceilings read a product within 1e-9 of an integer as that integer: ratio 0.7 of N = 90 prunes 63
+    channels, although the float product is 62.99999999999999.
 
     Scores must be finite: NaN or inf gammas mean training diverged and no ranking is meaningful.
     """
@@ -132,7 +146,7 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
         raise ValueError("channel scores contain NaN or inf (did training diverge?)")
 
     n = flat.numel()
-    num_to_prune = math.floor(ratio * n)
+    num_to_prune = _channel_count(ratio, n)
     # Stable sort over the concatenation: equal scores stay in (layer, channel) order.
     order = torch.sort(flat, stable=True).indices
     starts = torch.tensor((0,) + sizes[:-1]).cumsum(0)
@@ -140,8 +154,7 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
     rank[order] = torch.arange(n)
     protected = torch.zeros(n, dtype=torch.bool)
     for start, size, layer_rank in zip(starts.tolist(), sizes, rank.split(list(sizes))):
-        # the tolerance keeps float products such as 0.1 * 30 = 3.0000000000000004 from rounding up
-        floor = max(1, math.ceil(min_keep * size - 1e-9))
+        floor = max(1, _channel_count(min_keep, size, round_up=True))
         protected[start + layer_rank.topk(floor).indices] = True
 
     unprotected_order = order[~protected[order]]

@@ -1,9 +1,14 @@
 """Simulated low-precision training in block floating point (BFP), in plain PyTorch.
 
-The Early-Bird paper's low-cost search trains in 8-bit block floating point with stochastic rounding
-(QPyTorch's `BlockFloatingPoint(wl=8)`) on weights, activations, gradients, errors and momentum, with
-BatchNorm in full precision. This module simulates that arithmetic: every number is rounded to a value
-the format can hold and stored in the tensor's own dtype, so it costs time rather than saving it.
+The Early-Bird paper's low-cost search trains in "8-bit block floating point" with stochastic rounding
+(QPyTorch's `BlockFloatingPoint(wl=8)`) "on weights, activations, gradients, errors and momentum", with
+"BN in full precision". This module simulates that arithmetic: every number is rounded to a value the
+format can hold and stored in the tensor's own dtype, so it costs time rather than saving it.
+
+What stays in full precision (float32): BatchNorm, the loss, and the model's last conv or linear layer
+in module order (the classifier): its weights, gradients, momentum, output and the error arriving at
+it. The authors' 8-bit code likewise hands the loss unrounded logits (it does round the classifier's
+weights and updates).
 
 The format, QPyTorch's `block_quantize` convention (its CPU kernel adds 6 * 2^e to x and rounds the sum
 to `wl` mantissa bits, which is a grid of 2^(e + 2 - wl)). A block of numbers shares one exponent
@@ -32,9 +37,13 @@ one per sample for activations and errors.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .train import Hook, Trainer
 
 ROUNDINGS = ("stochastic", "nearest")
@@ -51,12 +60,12 @@ def _check_format(bits: int, rounding: str) -> None:
 def _uniform_offsets(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Random int16 r per element; r / 2^16 + 1/2 + 2^-17 is uniform on the midpoints of 2^16 bins of [0, 1).
 
-    16 bits keep stochastic rounding unbiased to within 2^-17 of a step, and four of them come from one
-    64-bit draw: on CPU several times faster than torch.rand, which spends a draw per element.
+    16 bits keep stochastic rounding unbiased to within 2^-17 of a step, in half the memory of float32
+    offsets. Drawn as int16 directly: reinterpreting each int64 draw as four int16 needs a quarter of the
+    draws (on CPU a bfp_quantize call took about 2/3 as long) but breaks torch.compile, whose AOTAutograd
+    cannot rebuild a dtype view whose element count differs from its base's.
     """
-    n = shape.numel()
-    draws = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), generator=generator, device=device, dtype=torch.int64)
-    return draws.view(torch.int16)[:n].view(shape)
+    return torch.randint(-2**15, 2**15, shape, generator=generator, device=device, dtype=torch.int16)
 
 
 def bfp_quantize(x: torch.Tensor, bits: int = 8, rounding: str = "stochastic",
@@ -117,12 +126,14 @@ class _RoundActivation(torch.autograd.Function):
 class BFPTraining(Hook):
     """Trains `model` in simulated block floating point: attach to a Trainer as a hook.
 
-    Rounds, with `bits`-bit words: the output of every conv and linear layer (forward) and the error
-    arriving at it (backward), through forward hooks on those layers; their parameters' gradients
-    before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm and the loss
-    stay in full precision. Training rounds with `rounding`; evaluation (eval mode) rounds activations
-    to nearest, so a test score does not depend on random draws. The random draws come from one
-    generator on `device` seeded with `seed`, saved in the trainer's checkpoint for an exact resume.
+    Rounds, with `bits`-bit words: the output of every conv and linear layer but the last (forward) and
+    the error arriving at it (backward), through forward hooks on those layers; their parameters'
+    gradients before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm, the
+    loss and the last conv or linear layer in module order (the classifier: its weights, gradients,
+    momentum, output and error) stay in full precision. Training rounds with `rounding`; evaluation
+    (eval mode) rounds activations to nearest, so a test score does not depend on random draws. The
+    random draws come from one generator on `device` seeded with `seed`, saved in the trainer's
+    checkpoint for an exact resume on the same kind of device (on another, `load_state_dict` re-seeds).
     The weights are rounded (to nearest) already here, so the first step sees BFP weights too.
     """
 
@@ -134,6 +145,10 @@ class BFPTraining(Hook):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
+        if len(layers) < 2:
+            raise ValueError(f"the model has {len(layers)} conv or linear layers: BFPTraining keeps the last "
+                             "one in full precision, so it needs at least two")
+        layers = layers[:-1]  # the classifier stays in full precision
         self.params = [p for layer in layers for p in layer.parameters(recurse=False)]
         for layer in layers:
             layer.register_forward_hook(self._round_output)
@@ -167,4 +182,24 @@ class BFPTraining(Hook):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        """Continue the random draws saved by `state_dict`, exactly where the device kind is the same.
+
+        A generator's state belongs to its kind of device (CPU: a 5,056-byte Mersenne Twister; CUDA: a
+        16-byte Philox seed and offset) and does not load into another kind. A run resumed on another
+        kind of device re-seeds instead, from a hash of the saved state: deterministic and different for
+        every checkpoint, but not the draws an uninterrupted run would have made.
+        """
+        saved = state["generator"]
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        self.generator.manual_seed(_seed_from(saved))
+        if distributed.is_main():
+            print(f"ebtrain: the {self.bits}-bit rounding's random state was saved on another kind of device; "
+                  "re-seeded from it, so the resumed run rounds with draws of its own", file=sys.stderr, flush=True)
+
+
+def _seed_from(state: torch.Tensor) -> int:
+    """A 63-bit seed that depends on every byte of a generator state."""
+    digest = hashlib.sha256(state.cpu().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -85,7 +85,7 @@ def test_draw_mask_prunes_exactly_the_global_ranking(data, sizes, ratio, tie_hea
     scores = [torch.tensor(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=torch.float32)
               for n in sizes]
     mask = draw_mask(scores, ratio, min_keep)
-    n, k = sum(sizes), math.floor(ratio * sum(sizes))
+    n, k = sum(sizes), math.floor(ratio * sum(sizes) + 1e-9)
     flat = torch.cat(scores).tolist()
     protected = protected_indices(scores, min_keep)
     pruned = [i for i in range(n) if not mask.keep[i]]
@@ -109,7 +109,7 @@ def test_draw_mask_exact_count_with_all_equal_scores(sizes, ratio):
     scores = [torch.full((n,), 0.5) for n in sizes]
     mask = draw_mask(scores, ratio)
     n = sum(sizes)
-    assert mask.num_pruned == min(math.floor(ratio * n), n - len(sizes))
+    assert mask.num_pruned == min(math.floor(ratio * n + 1e-9), n - len(sizes))
     # The last channel of every layer is protected; the rest are pruned in position order.
     lasts = [sum(sizes[:i + 1]) - 1 for i in range(len(sizes))]
     free_order = [i for i in range(n) if i not in lasts]
@@ -162,11 +162,21 @@ def test_min_keep_moves_the_pruning_of_a_starved_layer_to_the_others():
 
 
 def test_min_keep_floor_is_exact_for_fractions_that_floats_round_up():
-    # 0.1 * 30 is 3.0000000000000004 in floating point: the floor is 3 channels, not 4.
-    scores = [torch.linspace(0.01, 0.3, 30), torch.linspace(1.0, 2.0, 30)]
-    mask = draw_mask(scores, 0.9, min_keep=0.1)
-    assert mask.kept_per_layer() == [3, 3]
-    assert mask.num_pruned == 54
+    # 0.14 * 50 is 7.000000000000001 in floating point: the floor is 7 channels, not 8.
+    scores = [torch.linspace(0.01, 0.3, 50), torch.linspace(1.0, 2.0, 50)]
+    mask = draw_mask(scores, 0.9, min_keep=0.14)
+    assert mask.kept_per_layer() == [7, 7]
+    assert mask.num_pruned == 86
+
+
+@pytest.mark.parametrize("ratio, n, pruned", [(0.7, 90, 63),   # 0.7 * 90 is 62.99999999999999
+                                              (0.58, 50, 29),  # 28.999999999999996
+                                              (0.57, 100, 57), (0.29, 100, 29),
+                                              (0.3, 10, 3), (0.1, 30, 3),  # exact products stay exact
+                                              (0.07, 100, 7), (0.5, 7, 3), (0.9, 90, 81)])
+def test_draw_mask_prunes_the_count_a_float_product_stands_for(ratio, n, pruned):
+    scores = [torch.linspace(0.01, 1.0, n // 2), torch.linspace(0.02, 2.0, n - n // 2)]
+    assert draw_mask(scores, ratio).num_pruned == pruned
 
 
 @pytest.mark.parametrize("min_keep", [-0.1, 1.0, float("nan")])
