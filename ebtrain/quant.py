@@ -5,10 +5,10 @@ The Early-Bird paper's low-cost search trains in "8-bit block floating point" wi
 "BN in full precision". This module simulates that arithmetic: every number is rounded to a value the
 format can hold and stored in the tensor's own dtype, so it costs time rather than saving it.
 
-What stays in full precision (float32): BatchNorm, the loss, and the model's last conv or linear layer
-in module order (the classifier): its weights, gradients, momentum, output and the error arriving at
-it. The authors' 8-bit code likewise hands the loss unrounded logits (it does round the classifier's
-weights and updates).
+What stays in full precision (float32): BatchNorm, the loss, and the output of the model's last conv
+or linear layer in module order (the classifier's logits), as in the authors' 8-bit code, whose
+classifier is followed by a quantizer of the backward pass only: the error arriving at the logits is
+rounded, and so are the classifier's weights, gradients and momentum, like every other layer's.
 
 The format, QPyTorch's `block_quantize` convention (its CPU kernel adds 6 * 2^e to x and rounds the sum
 to `wl` mantissa bits, which is a grid of 2^(e + 2 - wl)). A block of numbers shares one exponent
@@ -123,14 +123,27 @@ class _RoundActivation(torch.autograd.Function):
         return ctx.quantization.quantize(error, True), None, None
 
 
+class _RoundError(torch.autograd.Function):
+    """The last layer's: its output passes unrounded, the error arriving at it is rounded."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantization: "BFPTraining") -> torch.Tensor:
+        ctx.quantization = quantization
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, error: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.quantization.quantize(error, True), None
+
+
 class BFPTraining(Hook):
     """Trains `model` in simulated block floating point: attach to a Trainer as a hook.
 
-    Rounds, with `bits`-bit words: the output of every conv and linear layer but the last (forward) and
-    the error arriving at it (backward), through forward hooks on those layers; their parameters'
-    gradients before the optimizer step; their weights and SGD momentum buffers after it. BatchNorm, the
-    loss and the last conv or linear layer in module order (the classifier: its weights, gradients,
-    momentum, output and error) stay in full precision. Training rounds with `rounding`; evaluation
+    Rounds, with `bits`-bit words: the output of every conv and linear layer but the last in module
+    order (forward) and the error arriving at every one of them (backward), through forward hooks on
+    those layers; their parameters' gradients before the optimizer step; their weights and SGD momentum
+    buffers after it. BatchNorm, the loss and the last layer's output (the logits) stay in full
+    precision. Training rounds with `rounding`; evaluation
     (eval mode) rounds activations to nearest, so a test score does not depend on random draws. The
     random draws come from one generator on `device` seeded with `seed`, saved in the trainer's
     checkpoint for an exact resume on the same kind of device (on another, `load_state_dict` re-seeds).
@@ -145,13 +158,11 @@ class BFPTraining(Hook):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
-        if len(layers) < 2:
-            raise ValueError(f"the model has {len(layers)} conv or linear layers: BFPTraining keeps the last "
-                             "one in full precision, so it needs at least two")
-        layers = layers[:-1]  # the classifier stays in full precision
         self.params = [p for layer in layers for p in layer.parameters(recurse=False)]
-        for layer in layers:
+        for layer in layers[:-1]:
             layer.register_forward_hook(self._round_output)
+        if layers:  # the classifier hands the loss unrounded logits
+            layers[-1].register_forward_hook(self._round_error)
         with torch.no_grad():
             for p in self.params:
                 # nearest: the generator may live on another device than the model before Trainer moves it
@@ -164,6 +175,9 @@ class BFPTraining(Hook):
 
     def _round_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return _RoundActivation.apply(output, self, module.training)
+
+    def _round_error(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return _RoundError.apply(output, self)
 
     def after_backward(self, trainer: Trainer) -> None:
         for p in self.params:

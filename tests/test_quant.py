@@ -88,7 +88,7 @@ def test_activations_and_errors_are_rounded_and_gradients_flow():
     # registered before the quantization's hook, so it sees the layer's own output, and the gradient
     # with respect to that output is the error after the backward rounding
     layer.register_forward_hook(capture_error)
-    BFPTraining(nn.Sequential(layer, nn.Linear(6, 2)), bits=4, seed=0)  # the last layer is not rounded
+    BFPTraining(nn.Sequential(layer, nn.Linear(6, 2)), bits=4, seed=0)  # the last layer's output is not rounded
     assert on_grid(layer.weight, 4)  # rounded when attached
     x = torch.randn(8, 5, requires_grad=True)
     out = layer(x)
@@ -114,8 +114,8 @@ def test_gradients_weights_and_momentum_lie_on_the_grid_after_a_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     hook = BFPTraining(model, bits=8, seed=0)
-    quantized = [model[0].weight, model[0].bias]
-    full_precision = [model[1].weight, model[4].weight]  # BatchNorm and the last layer
+    quantized = [model[0].weight, model[0].bias, model[4].weight, model[4].bias]  # the last layer's too
+    full_precision = [model[1].weight, model[1].bias]  # BatchNorm
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     trainer = SimpleNamespace(optimizer=optimizer)
     for _ in range(2):  # the second step also reads the rounded momentum
@@ -129,8 +129,27 @@ def test_gradients_weights_and_momentum_lie_on_the_grid_after_a_step():
         assert all(on_grid(p, 8) for p in quantized)
         assert all(on_grid(optimizer.state[p]["momentum_buffer"], 8) for p in quantized)
         assert not any(on_grid(p, 8) or on_grid(optimizer.state[p]["momentum_buffer"], 8) for p in full_precision)
-    # the last layer's output (the logits) is not rounded either
-    assert not on_grid(model(torch.randn(16, 3, 6, 6)), 8)
+
+
+def test_the_last_layer_hands_the_loss_unrounded_logits_and_gets_a_rounded_error():
+    # as the authors' 8-bit code: the classifier is followed by a quantizer of the backward pass only
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    errors = []
+
+    def capture_error(module, inputs, output):
+        output.register_hook(errors.append)
+
+    model[2].register_forward_hook(capture_error)  # before the quantization's hook: the layer's own output
+    BFPTraining(model, bits=4, seed=0)
+    assert on_grid(model[2].weight, 4)  # its weights are rounded like every layer's
+    x = torch.randn(8, 6, requires_grad=True)
+    logits = model[2](x)
+    assert not on_grid(logits, 4)
+    upstream = torch.randn(8, 3)
+    logits.backward(upstream)
+    assert on_grid(errors[0], 4) and not on_grid(upstream, 4)
+    assert torch.allclose(x.grad, errors[0] @ model[2].weight.detach(), atol=1e-6)
 
 
 def test_the_last_layer_in_module_order_is_every_models_classifier():
@@ -138,8 +157,6 @@ def test_the_last_layer_in_module_order_is_every_models_classifier():
         model = build_model(name, num_classes=7, in_channels=1, width=0.125, image_size=28)
         last = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)][-1]
         assert isinstance(last, nn.Linear) and last.out_features == 7, name
-    with pytest.raises(ValueError, match="has 1 conv or linear layers"):
-        BFPTraining(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
 
 
 def _train_two_steps(model: nn.Module, hook: BFPTraining, forward) -> list[torch.Tensor]:
@@ -211,9 +228,8 @@ def test_quantized_search_draws_tickets_and_retrains_in_full_precision(tmp_path)
     assert search["cost"]["flops_precision"] == summary["cost"]["search"]["flops_precision"] == "bfp8"
     ticket = checkpoint.load(run / "tickets" / "p50.pt")
     state = ticket["state_dict"]
-    convs = [k for k in state if k.endswith("weight") and state[k].dim() > 1 and k != "classifier.weight"]
-    assert convs and all(on_grid(state[k], 8) for k in convs)
-    assert not on_grid(state["classifier.weight"], 8)  # the last layer stays in full precision
+    layers = [k for k in state if k.endswith("weight") and state[k].dim() > 1]
+    assert "classifier.weight" in layers and all(on_grid(state[k], 8) for k in layers)
     # the retrain ran without rounding: its weights left the grid
     retrained = checkpoint.load(run / "retrain" / "p50" / "checkpoint.pt")["model"]
     assert not any(on_grid(retrained[k], 8) for k in retrained if k.endswith("weight") and retrained[k].dim() > 1)
