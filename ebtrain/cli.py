@@ -19,9 +19,10 @@ from typing import NoReturn
 import torch
 
 from . import __version__, distributed
-from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
+from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, flag, load_yaml
 from .errors import UserError
 from .host_memory import retain_freed_memory
+from .rundir import CHECKPOINT_FILE, SUMMARY_FILE, config_to_resume
 from .validate import check_model, check_ticket_fits, check_ticket_names, validate
 
 COMMANDS = ("search", "train", "prune", "retrain", "lottery", "report", "models")
@@ -35,10 +36,6 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`--lr`, `--eb-rule`, ...); only flags given on the line override."""
     parser.add_argument("--config", help="YAML config file (defaults < file < flags)")
@@ -49,11 +46,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             help_text = f.metadata["help"] + f" (default: {f.default if kind is not list else f.default_factory()})"
             kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text)
             if kind is bool:
-                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+                group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             elif kind is list:
-                group.add_argument(_flag(f.name), nargs="+", type=_number, metavar="X", **kwargs)
+                group.add_argument(flag(f.name), nargs="+", type=_number, metavar="X", **kwargs)
             else:
-                group.add_argument(_flag(f.name), type=kind if kind is not str else None, **kwargs)
+                group.add_argument(flag(f.name), type=kind if kind is not str else None, **kwargs)
 
 
 def _number(text: str) -> float | int:
@@ -103,28 +100,9 @@ def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Conf
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
     if overrides.get("run", {}).get("resume"):
-        return _config_to_resume(args, overrides)
+        return config_to_resume(overrides, args.config)
     cfg = load_yaml(args.config, base) if args.config else (base or Config())
     return apply_overrides(cfg, overrides)
-
-
-# What a resumed run may change: where it runs and how it reports, nothing its results depend on.
-RESUME_MAY_SET = {"run.out", "run.resume", "run.progress", "run.tensorboard", "train.device", "train.eval_batch_size"}
-
-
-def _config_to_resume(args: argparse.Namespace, overrides: dict[str, dict]) -> Config:
-    """The saved config of the run in --out, with the flags that RESUME_MAY_SET; any other flag is refused."""
-    from .rundir import CONFIG_FILE, config_for_resume
-    out = overrides["run"].get("out")
-    if not out:
-        raise UserError("--resume needs --out RUN_DIR: the run to continue")
-    given = [f"{section}.{name}" for section, values in overrides.items() for name in values]
-    refused = (["--config"] if args.config else []) + [_flag(key.split(".")[1]) for key in given
-                                                       if key not in RESUME_MAY_SET]
-    if refused:
-        raise UserError(f"--resume continues '{out}' with the settings it started with ({Path(out) / CONFIG_FILE}): "
-                        f"drop {', '.join(refused)}, or start a new run (--overwrite replaces this one)")
-    return apply_overrides(config_for_resume(out), overrides)  # only settings of RESUME_MAY_SET are left
 
 
 def _print_table(run_dir: Path) -> None:
@@ -168,9 +146,10 @@ def _run(args: argparse.Namespace) -> None:
     from . import pipeline
     from .data import load_data
     from .rundir import prepare_run_dir
+    from .tickets import ratio_name
     from .train import resolve_device
     if args.command == "search":
-        check_ticket_names([pipeline.ratio_name(r) for r in cfg.search.ratios], cfg.search.ratios)
+        check_ticket_names([ratio_name(r) for r in cfg.search.ratios], cfg.search.ratios)
     resolve_device(cfg.train.device)
     with distributed.main_first():  # rank 0 builds a dataset's cache before the others read it
         data = load_data(cfg.data, seed=cfg.train.seed)  # before the run directory: bad data leaves no run behind
@@ -185,7 +164,7 @@ def _run(args: argparse.Namespace) -> None:
         _interrupted(f"python -m ebtrain {args.command} --resume --out {run_dir}")
     if distributed.is_main():
         _print_table(run_dir)
-        print(f"summary: {run_dir / 'summary.json'}", file=sys.stderr)
+        print(f"summary: {run_dir / SUMMARY_FILE}", file=sys.stderr)
 
 
 def _interrupted(how_to_continue: str) -> NoReturn:
@@ -197,7 +176,7 @@ def _interrupted(how_to_continue: str) -> NoReturn:
 
 def _prune(args: argparse.Namespace) -> None:
     from .models import count_params, save_model
-    from .pipeline import load_ticket, pruned_from_ticket, ratio_name
+    from .tickets import load_ticket, pruned_from_ticket, ratio_name
     ticket = load_ticket(args.ticket)
     dense, pruned = pruned_from_ticket(ticket)
     file_name = f"{ratio_name(ticket['ratio'])}-pruned.pt"
@@ -216,21 +195,19 @@ def _prune(args: argparse.Namespace) -> None:
 
 def _retrain(args: argparse.Namespace) -> None:
     from .data import load_data
-    from .pipeline import load_ticket, ratio_name, retrain_ticket
-    from .rundir import CONFIG_FILE
+    from .pipeline import retrain_ticket
+    from .rundir import retrain_dir, run_of_ticket, saved_config
+    from .tickets import load_ticket
     from .train import resolve_device
     ticket = load_ticket(args.ticket)
     # the ticket's own run settings (data, schedule) are the base, so a bare `retrain TICKET` matches it
-    run_config = Path(args.ticket).parent.parent / CONFIG_FILE
-    base = distributed.from_main(lambda: load_yaml(run_config) if run_config.is_file() else Config())
+    base = saved_config(run_of_ticket(args.ticket)) or Config()
     base.run.out = ""  # the run's own folder is not the retrain's; --out may still name one
     base.model.arch, base.model.width = ticket["arch"]["name"], ticket["arch"]["width"]  # the ticket's network
     cfg = resolve_config(args, base)
     validate(cfg)
     init = cfg.search.init
-    out = Path(cfg.run.out) if cfg.run.out else (
-        Path(args.ticket).parent.parent / "retrain" / f"{ratio_name(ticket['ratio'])}"
-        f"{'' if init == 'eb' else '-' + init}")
+    out = Path(cfg.run.out) if cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket["ratio"], init)
     with distributed.main_first():
         data = load_data(cfg.data, seed=cfg.train.seed)
     check_ticket_fits(cfg, data, ticket, args.ticket)
@@ -238,7 +215,7 @@ def _retrain(args: argparse.Namespace) -> None:
     try:
         result = retrain_ticket(cfg, Path(args.ticket), out, data, resolve_device(cfg.train.device), init)
     except KeyboardInterrupt:
-        _interrupted(f"the same command (it continues from {out / 'checkpoint.pt'})")
+        _interrupted(f"the same command (it continues from {out / CHECKPOINT_FILE})")
     if distributed.is_main():
         print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
               f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")

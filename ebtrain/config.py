@@ -162,6 +162,11 @@ def field_type(f: dataclasses.Field) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a setting: 'eb_rule' -> '--eb-rule'."""
+    return "--" + name.replace("_", "-")
+
+
 def _closest(name: str, options: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""

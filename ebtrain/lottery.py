@@ -378,7 +378,7 @@ def weight_movement(initial: dict[str, torch.Tensor], trained: dict[str, torch.T
 
 def _load_eb_ticket(path: str, template: nn.Module) -> dict:
     """An EB-Train ticket file, checked to be of this run's network."""
-    from .pipeline import load_ticket  # the EB-Train ticket format; imported here, only --eb-ticket needs it
+    from .tickets import load_ticket  # the EB-Train ticket format; imported here, only --eb-ticket needs it
     ticket = load_ticket(path)
     if ticket["arch"] != template.arch:
         raise UserError(f"--eb-ticket {path}: its network {ticket['arch']} is not this run's {template.arch}")

@@ -24,26 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
 from .config import Config
 from .data import DataBundle, load_data
-from .earlybird import EarlyBird, Ticket, channel_scores, prunable_bns
+from .earlybird import EarlyBird, Ticket, prunable_bns
 from .errors import UserError
 from .flops import CostMeter, detector_ops, measure_cost, run_cost, search_total
 from .models import build_model, count_params, save_model
 from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
-from .prune import kept_channels, prune_channels, round_keep
+from .prune import prune_channels
 from .quant import BFPTraining
-from .rundir import SUMMARY_FILE
+from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket, save_ticket
 from .train import Hook, Trainer, resolve_device, seed_everything
-
-RESULT_FILE = "result.json"
-INIT_FILE = "init.pt"
-
-
-def ratio_name(ratio: float) -> str:
-    """0.3 -> 'p30': the name of a ratio's ticket file and retrain folder."""
-    return f"p{ratio * 100:g}"
 
 
 class L1Sparsity(Hook):
@@ -82,7 +74,7 @@ class EarlyBirdHook(Hook):
 
     def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         for ticket in self.step(epoch):
-            path = save_ticket(ticket, trainer.model, self.run_dir)
+            path = save_ticket(ticket, trainer.model, rundir.ticket_file(self.run_dir, ticket.ratio))
             print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
                   file=sys.stderr, flush=True)
             self.draw(trainer, epoch, ticket.ratio)
@@ -108,77 +100,13 @@ class EarlyBirdHook(Hook):
         fig = distance_matrix_figure(self.detector.distance_matrix(ratio), self.detector.epochs, ratio,
                                      ticket.epoch if ticket else None)
         trainer.monitor.figure(f"eb/{ratio_name(ratio)}/distance_matrix", fig, epoch)
-        save_figure(fig, self.run_dir / "search" / f"distance_{ratio_name(ratio)}.png")
+        save_figure(fig, rundir.distance_figure(self.run_dir, ratio))
 
     def state_dict(self) -> dict:
         return self.detector.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state)
-
-
-# ---- tickets -----------------------------------------------------------------------------------
-def save_ticket(ticket: Ticket, model: nn.Module, run_dir: Path) -> Path:
-    """Write tickets/pNN.pt: ratio, EB epoch, mask per layer, channels kept, and the weights now."""
-    names = [name for name, _ in prunable_bns(model)]
-    path = run_dir / "tickets" / f"{ratio_name(ticket.ratio)}.pt"
-    checkpoint.atomic_save({
-        "kind": "ebtrain-ticket", "ratio": ticket.ratio, "epoch": ticket.epoch, "layers": names,
-        "keep": ticket.mask.per_layer(), "kept_channels": ticket.mask.kept_per_layer(),
-        "dense_channels": list(ticket.mask.sizes), "kept_back": ticket.mask.kept_back,
-        "distances": ticket.distances, "arch": model.arch,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }, path)
-    return path
-
-
-def load_ticket(path: str | Path) -> dict:
-    """Read a ticket file written by the search; a file that is not one raises UserError.
-    Under torchrun rank 0 reads it and every rank gets its contents."""
-    return distributed.from_main(_read_ticket, Path(path))
-
-
-def _read_ticket(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"ticket file '{path}' not found")
-    try:
-        ticket = checkpoint.load(path)
-    except (checkpoint.UnreadableFile, OSError) as e:
-        raise UserError(f"'{path}' is not a readable ticket file ({e})") from None
-    if not isinstance(ticket, dict) or ticket.get("kind") != "ebtrain-ticket":
-        raise UserError(f"'{path}' is not an ebtrain ticket file (those are written to RUN/tickets/)")
-    return ticket
-
-
-def dense_from_ticket(ticket: dict) -> nn.Module:
-    """The dense network with the ticket's weights, those at the EB epoch; UserError if the weights or
-    the masks do not fit the ticket's arch (a damaged ticket, or one edited by hand)."""
-    dense = build_model(**ticket["arch"])
-    what = f"the ticket for p = {ticket['ratio']:g} does not fit its arch {ticket['arch']['name']}"
-    try:
-        dense.load_state_dict(ticket["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{what}: {' '.join(str(e).split())[:300]}") from None
-    sizes = [bn.num_features for _, bn in prunable_bns(dense)]
-    if [len(k) for k in ticket["keep"]] != sizes:
-        raise UserError(f"{what}: it has masks for layers of {[len(k) for k in ticket['keep']]} channels, the arch "
-                        f"has {sizes}")
-    return dense
-
-
-def pruned_from_ticket(ticket: dict) -> tuple[nn.Module, nn.Module]:
-    """(dense network with the EB weights, the physically pruned network with the kept slices)."""
-    dense = dense_from_ticket(ticket)
-    return dense, prune_channels(dense, ticket["keep"])
-
-
-def round_ticket(ticket: dict, multiple: int) -> dict:
-    """The ticket with each layer's kept channels rounded up to a multiple of `multiple` (`round_keep`,
-    by |gamma| at the EB epoch): its `keep` and `kept_channels` then describe the network that is cut
-    and trained, and `channels_rounded_added` counts the channels the rounding kept again."""
-    keep = round_keep(ticket["keep"], channel_scores(dense_from_ticket(ticket)), multiple)
-    return {**ticket, "keep": keep, "kept_channels": kept_channels(keep),
-            "channels_rounded_added": sum(kept_channels(keep)) - sum(ticket["kept_channels"])}
 
 
 # ---- phases ------------------------------------------------------------------------------------
@@ -192,19 +120,13 @@ def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
                        width=cfg.model.width, image_size=data.image_size)
 
 
-def _finished(out_dir: Path) -> dict | None:
-    """The phase's result if it has finished (read on rank 0 under torchrun and handed to every rank)."""
-    path = out_dir / RESULT_FILE
-    return distributed.from_main(lambda: checkpoint.load_json(path) if path.exists() else None)
-
-
 def _cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
     """Measures the model's FLOPs at the training batch size and meters them through a phase."""
     return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
 
 
 def _initial_weights(run_dir: Path) -> dict:
-    path = run_dir / INIT_FILE
+    path = run_dir / rundir.INIT_FILE
     if not path.exists():
         raise UserError(f"--init rewind needs the initial weights '{path}' written by the search")
     return checkpoint.load(path)
@@ -214,25 +136,25 @@ def _save_phase(result: dict, model: nn.Module, out_dir: Path, **extra) -> None:
     """Write the trained network (model.pt, with `extra` entries) and then result.json, which marks the
     phase finished; under torchrun from rank 0 only."""
     if distributed.is_main():
-        save_model(model.cpu(), out_dir / "model.pt", **extra)
-        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+        save_model(model.cpu(), out_dir / rundir.MODEL_FILE, **extra)
+        checkpoint.atomic_write_json(result, out_dir / rundir.RESULT_FILE)
 
 
 def _search_flops(ticket_path: Path) -> float:
     """What the search that drew the ticket spent, where a retrain's cumulative FLOPs start (0 if unknown)."""
-    search = _finished(Path(ticket_path).parent.parent / "search")
+    search = rundir.finished(rundir.search_dir(rundir.run_of_ticket(ticket_path)))
     return search_total(search["cost"])["flops"] if search and "cost" in search else 0
 
 
 def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:
     """Train the dense network with the L1 penalty until every ratio's ticket has emerged."""
-    out_dir = run_dir / "search"
-    done = _finished(out_dir)
+    out_dir = rundir.search_dir(run_dir)
+    done = rundir.finished(out_dir)
     if done is not None:
         return done
     model = _dense_model(cfg, data)
-    if distributed.is_main() and not (run_dir / INIT_FILE).exists():
-        checkpoint.atomic_save(model.state_dict(), run_dir / INIT_FILE)
+    if distributed.is_main() and not (run_dir / rundir.INIT_FILE).exists():
+        checkpoint.atomic_save(model.state_dict(), run_dir / rundir.INIT_FILE)
     s = cfg.search
     detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
                          min_keep=s.min_keep)
@@ -257,19 +179,19 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
             "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
     result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
     result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
-                  tickets={ratio_name(r): str(Path("tickets") / f"{ratio_name(r)}.pt") for r in detector.emerged})
+                  tickets={ratio_name(r): str(rundir.ticket_file(Path(), r)) for r in detector.emerged})
     if distributed.is_main():
         for ratio in detector.ratios:
             eb_hook.draw(trainer, trainer.epoch, ratio)
         names = [name for name, _ in prunable_bns(model)]
         kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
-        save_figure(kept_channels_figure(names, channels, kept), out_dir / "kept_channels.png")
+        save_figure(kept_channels_figure(names, channels, kept), rundir.kept_channels_figure(run_dir))
         if detector.pending:
             last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
                              for r in detector.pending)
             print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
                   "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
-        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+        checkpoint.atomic_write_json(result, out_dir / rundir.RESULT_FILE)
     trainer.monitor.close()
     return result
 
@@ -283,7 +205,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     'rewind' resets the kept weights to their values at initialization (RUN/init.pt) and trains the
     full schedule.
     """
-    done = _finished(out_dir)
+    done = rundir.finished(out_dir)
     if done is not None:
         return done
     ticket = round_ticket(load_ticket(ticket_path), cfg.search.round_channels)  # the EB mask stays on disk
@@ -296,7 +218,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
         fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
         pruned, start = fresh, 0
     elif init == "rewind":
-        dense.load_state_dict(distributed.from_main(_initial_weights, Path(ticket_path).parent.parent))
+        dense.load_state_dict(distributed.from_main(_initial_weights, rundir.run_of_ticket(ticket_path)))
         pruned = prune_channels(dense, ticket["keep"])
         start = 0
     if start >= cfg.train.epochs:
@@ -321,7 +243,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
 
 def train_dense(cfg: Config, out_dir: Path, data: DataBundle, device: torch.device) -> dict:
     """The dense baseline: the same initialization as the search, no sparsity, the full schedule."""
-    done = _finished(out_dir)
+    done = rundir.finished(out_dir)
     if done is not None:
         return done
     model = _dense_model(cfg, data)
@@ -348,7 +270,7 @@ def _summary_head(cfg: Config, device: torch.device) -> dict:
 
 def _save_summary(summary: dict, run_dir: Path) -> None:
     if distributed.is_main():
-        checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+        checkpoint.atomic_write_json(summary, run_dir / rundir.SUMMARY_FILE)
 
 
 def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
@@ -360,19 +282,20 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
     summary["search"] = search
     summary["tickets"] = {}
     if cfg.search.retrain:
-        eb_epochs = {ratio_name(float(r)): v["eb_epoch"] for r, v in search["detector"]["ratios"].items()}
-        for name, rel in search["tickets"].items():
-            if cfg.search.init == "eb" and eb_epochs[name] >= cfg.train.epochs:
+        drawn = {ratio_name(float(r)): (float(r), v["eb_epoch"]) for r, v in search["detector"]["ratios"].items()}
+        for name, path in search["tickets"].items():
+            ratio, eb_epoch = drawn[name]
+            if cfg.search.init == "eb" and eb_epoch >= cfg.train.epochs:
                 if distributed.is_main():
                     print(f"ebtrain: the ticket {name} emerged at the schedule's last epoch, so no epoch is left to "
                           "retrain it: raise --epochs or stop the search earlier (--max-search-epochs)",
                           file=sys.stderr, flush=True)
                 continue
-            folder = name if cfg.search.init == "eb" else f"{name}-{cfg.search.init}"
-            summary["tickets"][name] = retrain_ticket(cfg, run_dir / rel, run_dir / "retrain" / folder,
+            summary["tickets"][name] = retrain_ticket(cfg, run_dir / path,
+                                                      rundir.retrain_dir(run_dir, ratio, cfg.search.init),
                                                       data, device, cfg.search.init)
     if cfg.search.baseline:
-        summary["baseline"] = train_dense(cfg, run_dir / "baseline", data, device)
+        summary["baseline"] = train_dense(cfg, rundir.baseline_dir(run_dir), data, device)
     summary["cost"] = run_cost(search["cost"], {name: t["cost"] for name, t in summary["tickets"].items()},
                                summary.get("baseline", {}).get("cost"), cfg.train.epochs)
     summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")

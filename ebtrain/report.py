@@ -29,13 +29,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .earlybird import mask_distance
 from .errors import UserError
 from .flops import baseline_cost, ticket_cost
 from .monitor import save_figure  # first: it sets matplotlib's file-only backend
-from .pipeline import load_ticket
 from .rundir import SUMMARY_FILE
+from .tickets import load_ticket
 
 import matplotlib.pyplot as plt
 
@@ -97,7 +97,8 @@ def run_rows(run_dir: str | Path) -> list[dict]:
     from .lottery import LOTTERY_FILE, lottery_rows  # here: lottery.py imports this module
     if (run_dir / LOTTERY_FILE).is_file():
         return lottery_rows(run_dir)
-    retrains = [checkpoint.load_json(p) for p in sorted((run_dir / "retrain").glob("*/result.json"))]
+    retrains = [checkpoint.load_json(d / rundir.RESULT_FILE) for d in rundir.retrain_dirs(run_dir)
+                if (d / rundir.RESULT_FILE).is_file()]
     return summary_rows(read_summary(run_dir), run_dir.resolve().name, retrains)
 
 
@@ -163,7 +164,7 @@ def ticket_agreement_rows(run_a: str | Path, run_b: str | Path) -> list[dict]:
     Hamming distance); jaccard: percent of the channels kept by either that both keep; layers_agree:
     the agree figure per layer. Used to compare, for instance, a bfp8 search with a full-precision one.
     """
-    tickets = [{p.stem: p for p in sorted((Path(run) / "tickets").glob("p*.pt"))} for run in (run_a, run_b)]
+    tickets = [rundir.ticket_files(Path(run)) for run in (run_a, run_b)]
     rows = []
     for name in sorted(tickets[0].keys() & tickets[1].keys()):
         a, b = load_ticket(tickets[0][name]), load_ticket(tickets[1][name])
@@ -193,22 +194,13 @@ def format_agreement(rows: list[dict], run_a: str | Path, run_b: str | Path) -> 
 
 
 # ---- accuracy against training FLOPs -----------------------------------------------------------------
-def _phases(run_dir: Path) -> list[tuple[str, Path]]:
-    """(label, folder) of every training phase of a run that wrote metrics: a `train` run is one
-    dense phase in the run folder itself; an EB-Train run has search/, retrain/*/ and baseline/."""
-    candidates = [("dense", run_dir), ("search", run_dir / "search"),
-                  *((f"retrain {d.name}", d) for d in sorted((run_dir / "retrain").glob("*"))),
-                  ("dense", run_dir / "baseline")]
-    return [(label, folder) for label, folder in candidates if (folder / "metrics.jsonl").is_file()]
-
-
 def acc_vs_flops(run_dir: str | Path) -> list[tuple[str, list[float], list[float]]]:
     """(phase label, cumulative training FLOPs, test accuracy) per epoch of every phase of a run.
 
     A retrain's FLOPs start at its search's total, so the curves of one run join up."""
     curves = []
-    for label, folder in _phases(Path(run_dir)):
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    for label, folder in rundir.phases(Path(run_dir)):
+        lines = (folder / rundir.METRICS_FILE).read_text().splitlines()
         epochs = [m for m in map(json.loads, filter(None, lines)) if "cumulative_flops" in m]
         if epochs:
             curves.append((label, [m["cumulative_flops"] for m in epochs], [m["test_acc"] for m in epochs]))
