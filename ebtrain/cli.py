@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> None:
     run_dir = prepare_run_dir(cfg)
     if distributed.is_main():
         print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
-    job = pipeline.dense_only if args.command == "train" else pipeline.eb_train
+    job = pipeline.dense_job if args.command == "train" else pipeline.eb_train
     try:
         job(cfg, run_dir, data)
     except KeyboardInterrupt:

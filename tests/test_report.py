@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ebtrain.cli import main
 from ebtrain.data import load_data
 from ebtrain.flops import baseline_cost, run_cost
-from ebtrain.pipeline import dense_only, eb_train, retrain_ticket
+from ebtrain.pipeline import dense_job, eb_train, retrain_ticket
 from ebtrain.report import summary_rows, ticket_agreement_rows
 from ebtrain.rundir import prepare_run_dir
 from ebtrain.train import resolve_device
@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     retrain_ticket(cfg, eb / "tickets" / "p50.pt", eb / "retrain" / "p50-reinit", data, resolve_device("cpu"), "reinit")
     dense_cfg = tiny_config(root / "dense", train={"epochs": 2})
     dense = prepare_run_dir(dense_cfg)
-    dense_only(dense_cfg, dense, data)
+    dense_job(dense_cfg, dense, data)
     return eb, dense, summary
 
 
