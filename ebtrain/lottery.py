@@ -47,7 +47,8 @@ from .data import DataBundle, load_data
 from .earlybird import channel_scores, draw_mask, mask_distance, prunable_bns
 from .errors import UserError
 from .models import build_model, count_params
-from .monitor import Monitor, plt, save_figure
+from .figures import plt, save_figure
+from .monitor import Monitor
 from .population import Member, can_batch, train_members
 from .prune import (Masks, expected_jaccard, jaccard, magnitude_masks, mask_density, prunable_weights,
                     prune_channels, random_masks)

@@ -33,11 +33,9 @@ from . import checkpoint, rundir
 from .earlybird import mask_distance
 from .errors import UserError
 from .flops import baseline_cost, ticket_cost
-from .monitor import save_figure  # first: it sets matplotlib's file-only backend
+from .figures import acc_vs_flops_figure, save_figure
 from .rundir import SUMMARY_FILE
 from .tickets import load_ticket
-
-import matplotlib.pyplot as plt
 
 COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
            "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds")
@@ -214,12 +212,4 @@ def plot_acc_vs_flops(run_dirs: Sequence[str | Path], path: str | Path) -> None:
     if not curves:
         raise UserError("no run holds per-epoch FLOPs (metrics.jsonl with cumulative_flops) to plot")
     unit, scale = flop_unit(max(max(flops) for _, flops, _ in curves))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, flops, accs in curves:
-        ax.plot([f / scale for f in flops], [100 * a for a in accs], marker=".", label=label)
-    ax.set_xlabel(f"cumulative training {unit} (measured forward + backward)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    save_figure(fig, Path(path))
+    save_figure(acc_vs_flops_figure(curves, unit, scale), Path(path))

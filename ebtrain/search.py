@@ -21,7 +21,7 @@ from .data import DataBundle
 from .earlybird import EarlyBird, Ticket, prunable_bns
 from .flops import CostMeter, detector_ops, measure_cost
 from .models import build_model
-from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
+from .figures import distance_matrix_figure, kept_channels_figure, save_figure
 from .quant import BFPTraining
 from .tickets import ratio_name, save_ticket
 from .train import Hook, Trainer, seed_everything
