@@ -131,9 +131,10 @@ def _save_summary(summary: dict, run_dir: Path) -> None:
         checkpoint.atomic_write_json(summary, run_dir / rundir.SUMMARY_FILE)
 
 
-def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
-    """The main job: search, then prune and retrain every ticket, then summary.json."""
-    device = resolve_device(cfg.train.device)
+def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device: torch.device | None = None) -> dict:
+    """The main job: search, then prune and retrain every ticket, then summary.json. `data` and `device`
+    default to those the settings name."""
+    device = device or resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     summary = _summary_head(cfg, device)
     search = run_search(cfg, run_dir, data, device)
@@ -161,9 +162,10 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
     return summary
 
 
-def dense_job(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
-    """`ebtrain train`: the dense network for the full schedule, its result as summary.json."""
-    device = resolve_device(cfg.train.device)
+def dense_job(cfg: Config, run_dir: Path, data: DataBundle | None = None, device: torch.device | None = None) -> dict:
+    """`ebtrain train`: the dense network for the full schedule, its result as summary.json. `data` and
+    `device` default to those the settings name."""
+    device = device or resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     result = train_baseline(cfg, run_dir, data, device)
     summary = {**_summary_head(cfg, device), "baseline": result}

@@ -10,6 +10,7 @@ Under torchrun rank 0 alone creates and reads the run directory; the other ranks
 """
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,8 +44,13 @@ def ticket_file(run_dir: Path, ratio: float) -> Path:
 
 
 def ticket_files(run_dir: Path) -> dict[str, Path]:
-    """Every ticket file of a run by name ('p30'), in name order."""
-    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt"))}
+    """Every ticket file of a run by name ('p30'), in name order (not the pruned models `prune` writes there)."""
+    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt")) if re.fullmatch(r"p[0-9.e+-]+", p.stem)}
+
+
+def pruned_model_file(ticket: str | Path, ratio: float) -> Path:
+    """Where `ebtrain prune` writes a ticket's pruned network by default: beside it, RUN/tickets/p30-pruned.pt."""
+    return Path(ticket).with_name(f"{ratio_name(ratio)}-pruned.pt")
 
 
 def run_of_ticket(ticket: str | Path) -> Path:

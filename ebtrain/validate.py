@@ -13,6 +13,7 @@ from .data import DataBundle
 from .earlybird import prunable_bns
 from .errors import UserError
 from .models import build_model, list_models
+from .tickets import ratio_name
 
 
 def validate(cfg: Config) -> None:
@@ -67,7 +68,10 @@ def check_model(cfg: Config, data: DataBundle, early_bird: bool) -> None:
                             ) from None
 
 
-def check_ticket_names(names: list[str], ratios: list) -> None:
+def check_ticket_names(cfg: Config) -> None:
+    """Each ratio of the search gets a ticket file of its own (p30.pt for 0.3)."""
+    ratios = cfg.search.ratios
+    names = [ratio_name(r) for r in ratios]
     if len(set(names)) < len(names):
         raise UserError(f"--ratios {_values(ratios)}: each ratio once (ratios that round to the same percent share "
                         f"a ticket file: {', '.join(names)})")
