@@ -8,24 +8,32 @@
     ebtrain report RUN [RUN..]  one table across runs: accuracy, FLOPs, savings, seconds
     ebtrain report A B --tickets  how far the tickets of two runs agree, channel by channel
     ebtrain models              the registered architectures
+
+Every command is one entry of COMMANDS: its help, its arguments, its handler. The commands that train
+share one preparation (`_prepare`): settings, checks, device, data, run folder.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NamedTuple, NoReturn
 
 import torch
 
 from . import __version__, distributed
-from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, load_yaml
+from .config import SECTIONS, Config, apply_overrides, field_type, fields_of, flag, load_yaml
+from .data import DataBundle, load_data
 from .errors import UserError
 from .host_memory import retain_freed_memory
+from .models import build_model, count_params, list_models, save_model
+from .rundir import (CHECKPOINT_FILE, SUMMARY_FILE, config_to_resume, prepare_run_dir, pruned_model_file, retrain_dir,
+                     run_of_ticket, saved_config)
+from .tickets import load_ticket, pruned_from_ticket
+from .train import resolve_device
 from .validate import check_model, check_ticket_fits, check_ticket_names, validate
-
-COMMANDS = ("search", "train", "prune", "retrain", "lottery", "report", "models")
-DISTRIBUTED_COMMANDS = ("search", "train", "retrain")  # the ones that run under torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,10 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(message)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +53,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             help_text = f.metadata["help"] + f" (default: {f.default if kind is not list else f.default_factory()})"
             kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text)
             if kind is bool:
-                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+                group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             elif kind is list:
-                group.add_argument(_flag(f.name), nargs="+", type=_number, metavar="X", **kwargs)
+                group.add_argument(flag(f.name), nargs="+", type=_number, metavar="X", **kwargs)
             else:
-                group.add_argument(_flag(f.name), type=kind if kind is not str else None, **kwargs)
+                group.add_argument(flag(f.name), type=kind if kind is not str else None, **kwargs)
 
 
 def _number(text: str) -> float | int:
@@ -66,35 +70,6 @@ def _number(text: str) -> float | int:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ebtrain", description="Find Early-Bird tickets and train them.")
-    parser.add_argument("--version", action="version", version=f"ebtrain {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    p = sub.add_parser("search", help="EB-Train: search, prune and retrain every ticket (the default)")
-    _add_config_flags(p)
-    p = sub.add_parser("train", help="train the dense network for the full schedule (the baseline)")
-    _add_config_flags(p)
-    p = sub.add_parser("prune", help="write the physically pruned network of a ticket")
-    p.add_argument("ticket", help="a ticket file, RUN/tickets/pNN.pt")
-    p.add_argument("--output", help="where to write the pruned model (default: next to the ticket)")
-    p = sub.add_parser("retrain", help="train a ticket's pruned network through the rest of the schedule")
-    p.add_argument("ticket", help="a ticket file, RUN/tickets/pNN.pt")
-    _add_config_flags(p)
-    p = sub.add_parser("lottery", help="lottery-ticket experiment: iterative magnitude pruning with resetting, "
-                       "random-reinit and random-pruning controls, several seeds")
-    _add_config_flags(p)
-    p = sub.add_parser("report", help="one table across runs: accuracy, training FLOPs, savings, seconds")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"))
-    p.add_argument("--plot", metavar="PATH", help="also write test accuracy against training FLOPs as a PNG")
-    p.add_argument("--tickets", action="store_true",
-                   help="instead, compare the tickets of two runs: channels on which their masks agree, per ratio")
-    p = sub.add_parser("models", help="list the registered architectures with parameter counts")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--num-classes", type=int, default=10)
-    return parser
-
-
 def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Config:
     """base (default: the defaults) < --config FILE < flags; with --resume, the run's own saved config."""
     overrides: dict[str, dict] = {}
@@ -103,28 +78,40 @@ def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Conf
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
     if overrides.get("run", {}).get("resume"):
-        return _config_to_resume(args, overrides)
+        return config_to_resume(overrides, args.config)
     cfg = load_yaml(args.config, base) if args.config else (base or Config())
     return apply_overrides(cfg, overrides)
 
 
-# What a resumed run may change: where it runs and how it reports, nothing its results depend on.
-RESUME_MAY_SET = {"run.out", "run.resume", "run.progress", "run.tensorboard", "train.device", "train.eval_batch_size"}
+class Prepared(NamedTuple):
+    """What a training command has once `_prepare` is done."""
+    cfg: Config
+    data: DataBundle
+    device: torch.device
+    run_dir: Path | None
 
 
-def _config_to_resume(args: argparse.Namespace, overrides: dict[str, dict]) -> Config:
-    """The saved config of the run in --out, with the flags that RESUME_MAY_SET; any other flag is refused."""
-    from .rundir import CONFIG_FILE, config_for_resume
-    out = overrides["run"].get("out")
-    if not out:
-        raise UserError("--resume needs --out RUN_DIR: the run to continue")
-    given = [f"{section}.{name}" for section, values in overrides.items() for name in values]
-    refused = (["--config"] if args.config else []) + [_flag(key.split(".")[1]) for key in given
-                                                       if key not in RESUME_MAY_SET]
-    if refused:
-        raise UserError(f"--resume continues '{out}' with the settings it started with ({Path(out) / CONFIG_FILE}): "
-                        f"drop {', '.join(refused)}, or start a new run (--overwrite replaces this one)")
-    return apply_overrides(config_for_resume(out), overrides)  # only settings of RESUME_MAY_SET are left
+def _prepare(args: argparse.Namespace, base: Config | None = None, *,
+             check_settings: Callable[[Config], None] | None = None,
+             check_data: Callable[[Config, DataBundle], None] | None = None, run_folder: bool = True) -> Prepared:
+    """What every training command does before it trains, in an order that leaves nothing behind on bad input:
+    the settings (`resolve_config`) and their checks, the device, the data (rank 0 first: it builds a dataset's
+    cache), the checks of the settings against the data, and last the run folder (with `run_folder`)."""
+    cfg = resolve_config(args, base)
+    validate(cfg)
+    if check_settings:
+        check_settings(cfg)
+    device = resolve_device(cfg.train.device)
+    with distributed.main_first():
+        data = load_data(cfg.data, seed=cfg.train.seed)
+    if check_data:
+        check_data(cfg, data)
+    run_dir = None
+    if run_folder:
+        run_dir = prepare_run_dir(cfg)
+        if distributed.is_main():
+            print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
+    return Prepared(cfg, data, device, run_dir)
 
 
 def _print_table(run_dir: Path) -> None:
@@ -134,58 +121,27 @@ def _print_table(run_dir: Path) -> None:
         print(format_rows(rows), end="")
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.command == "models":
-        from .models import build_model, count_params, list_models
-        for name in list_models():
-            n = count_params(build_model(name, num_classes=args.num_classes, width=args.width))
-            print(f"{name:14s} {n:>12,d} parameters")
-        return
-    if args.command == "report":
-        from .report import format_agreement, format_rows, plot_acc_vs_flops, run_rows, ticket_agreement_rows
-        if args.tickets:
-            if len(args.runs) != 2:
-                raise UserError(f"report --tickets compares two runs, got {len(args.runs)}")
-            print(format_agreement(ticket_agreement_rows(*args.runs), *args.runs), end="")
-            return
-        rows = [row for run in args.runs for row in run_rows(run)]
-        print(format_rows(rows, args.format), end="")
-        if args.plot:
-            plot_acc_vs_flops(args.runs, args.plot)
-            print(f"plot: {args.plot}", file=sys.stderr)
-        return
-    if args.command == "prune":
-        _prune(args)
-        return
-    if args.command == "retrain":
-        _retrain(args)
-        return
-    if args.command == "lottery":
-        _lottery(args)
-        return
-    cfg = resolve_config(args)
-    validate(cfg)
+# ---- the commands -------------------------------------------------------------------------------
+def _search(args: argparse.Namespace) -> None:
     from . import pipeline
-    from .data import load_data
-    from .rundir import prepare_run_dir
-    from .train import resolve_device
-    if args.command == "search":
-        check_ticket_names([pipeline.ratio_name(r) for r in cfg.search.ratios], cfg.search.ratios)
-    resolve_device(cfg.train.device)
-    with distributed.main_first():  # rank 0 builds a dataset's cache before the others read it
-        data = load_data(cfg.data, seed=cfg.train.seed)  # before the run directory: bad data leaves no run behind
-    check_model(cfg, data, early_bird=args.command == "search")
-    run_dir = prepare_run_dir(cfg)
-    if distributed.is_main():
-        print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
-    job = pipeline.dense_only if args.command == "train" else pipeline.eb_train
+    _run_job(pipeline.eb_train, "search", _prepare(args, check_settings=check_ticket_names,
+                                                   check_data=partial(check_model, early_bird=True)))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from . import pipeline
+    _run_job(pipeline.dense_job, "train", _prepare(args, check_data=partial(check_model, early_bird=False)))
+
+
+def _run_job(job: Callable[..., dict], command: str, p: Prepared) -> None:
+    """Run a pipeline job (`eb_train`, `dense_job`) in its run folder, then print its table."""
     try:
-        job(cfg, run_dir, data)
+        job(p.cfg, p.run_dir, p.data, p.device)
     except KeyboardInterrupt:
-        _interrupted(f"python -m ebtrain {args.command} --resume --out {run_dir}")
+        _interrupted(f"python -m ebtrain {command} --resume --out {p.run_dir}")
     if distributed.is_main():
-        _print_table(run_dir)
-        print(f"summary: {run_dir / 'summary.json'}", file=sys.stderr)
+        _print_table(p.run_dir)
+        print(f"summary: {p.run_dir / SUMMARY_FILE}", file=sys.stderr)
 
 
 def _interrupted(how_to_continue: str) -> NoReturn:
@@ -196,14 +152,12 @@ def _interrupted(how_to_continue: str) -> NoReturn:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from .models import count_params, save_model
-    from .pipeline import load_ticket, pruned_from_ticket, ratio_name
     ticket = load_ticket(args.ticket)
     dense, pruned = pruned_from_ticket(ticket)
-    file_name = f"{ratio_name(ticket['ratio'])}-pruned.pt"
-    out = Path(args.output) if args.output else Path(args.ticket).with_name(file_name)
+    default = pruned_model_file(args.ticket, ticket["ratio"])
+    out = Path(args.output) if args.output else default
     if out.is_dir():
-        raise UserError(f"--output {out}: is a folder; name the file to write, e.g. {out / file_name}")
+        raise UserError(f"--output {out}: is a folder; name the file to write, e.g. {out / default.name}")
     save_model(pruned, out, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     print(f"ticket p = {ticket['ratio']:g} drawn at epoch {ticket['epoch']}")
     print(f"{'layer':32s} {'dense':>6s} {'kept':>6s}")
@@ -215,30 +169,24 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from .data import load_data
-    from .pipeline import load_ticket, ratio_name, retrain_ticket
-    from .rundir import CONFIG_FILE
-    from .train import resolve_device
+    from .pipeline import retrain_ticket
     ticket = load_ticket(args.ticket)
     # the ticket's own run settings (data, schedule) are the base, so a bare `retrain TICKET` matches it
-    run_config = Path(args.ticket).parent.parent / CONFIG_FILE
-    base = distributed.from_main(lambda: load_yaml(run_config) if run_config.is_file() else Config())
+    base = saved_config(run_of_ticket(args.ticket)) or Config()
     base.run.out = ""  # the run's own folder is not the retrain's; --out may still name one
     base.model.arch, base.model.width = ticket["arch"]["name"], ticket["arch"]["width"]  # the ticket's network
-    cfg = resolve_config(args, base)
-    validate(cfg)
-    init = cfg.search.init
-    out = Path(cfg.run.out) if cfg.run.out else (
-        Path(args.ticket).parent.parent / "retrain" / f"{ratio_name(ticket['ratio'])}"
-        f"{'' if init == 'eb' else '-' + init}")
-    with distributed.main_first():
-        data = load_data(cfg.data, seed=cfg.train.seed)
-    check_ticket_fits(cfg, data, ticket, args.ticket)
-    check_model(cfg, data, early_bird=False)
+
+    def fits(cfg: Config, data: DataBundle) -> None:
+        check_ticket_fits(cfg, data, ticket, args.ticket)
+        check_model(cfg, data, early_bird=False)
+
+    p = _prepare(args, base, check_data=fits, run_folder=False)
+    init = p.cfg.search.init
+    out = Path(p.cfg.run.out) if p.cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket["ratio"], init)
     try:
-        result = retrain_ticket(cfg, Path(args.ticket), out, data, resolve_device(cfg.train.device), init)
+        result = retrain_ticket(p.cfg, Path(args.ticket), out, p.data, p.device, init)
     except KeyboardInterrupt:
-        _interrupted(f"the same command (it continues from {out / 'checkpoint.pt'})")
+        _interrupted(f"the same command (it continues from {out / CHECKPOINT_FILE})")
     if distributed.is_main():
         print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
               f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")
@@ -246,20 +194,91 @@ def _retrain(args: argparse.Namespace) -> None:
 
 def _lottery(args: argparse.Namespace) -> None:
     from . import lottery
-    from .data import load_data
-    from .rundir import prepare_run_dir
-    from .train import resolve_device
-    cfg = resolve_config(args)
-    validate(cfg)
-    resolve_device(cfg.train.device)
-    data = load_data(cfg.data, seed=cfg.train.seed)
-    lottery.check_config(cfg, data)  # before the run directory: bad settings leave no run behind
-    run_dir = prepare_run_dir(cfg)
-    print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
-    summary = lottery.run_lottery(cfg, run_dir, data)
+    p = _prepare(args, check_data=lottery.check_config)  # lottery.check_config before the run folder
+    summary = lottery.run_lottery(p.cfg, p.run_dir, p.data)
     print(lottery.format_table(summary), end="")
-    print(f"results: {run_dir / lottery.LOTTERY_FILE}, plots: {run_dir / 'lottery_accuracy.png'}, "
-          f"{run_dir / 'lottery_early_stop.png'}", file=sys.stderr)
+    print(f"results: {p.run_dir / lottery.LOTTERY_FILE}, plots: {p.run_dir / 'lottery_accuracy.png'}, "
+          f"{p.run_dir / 'lottery_early_stop.png'}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import format_agreement, format_rows, plot_acc_vs_flops, run_rows, ticket_agreement_rows
+    if args.tickets:
+        if len(args.runs) != 2:
+            raise UserError(f"report --tickets compares two runs, got {len(args.runs)}")
+        print(format_agreement(ticket_agreement_rows(*args.runs), *args.runs), end="")
+        return
+    rows = [row for run in args.runs for row in run_rows(run)]
+    print(format_rows(rows, args.format), end="")
+    if args.plot:
+        plot_acc_vs_flops(args.runs, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def _models(args: argparse.Namespace) -> None:
+    for name in list_models():
+        n = count_params(build_model(name, num_classes=args.num_classes, width=args.width))
+        print(f"{name:14s} {n:>12,d} parameters")
+
+
+# ---- the command table ----------------------------------------------------------------------------
+def _ticket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ticket", help="a ticket file, RUN/tickets/pNN.pt")
+
+
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+    _ticket_argument(parser)
+    parser.add_argument("--output", help="where to write the pruned model (default: next to the ticket)")
+
+
+def _retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    _ticket_argument(parser)
+    _add_config_flags(parser)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"))
+    parser.add_argument("--plot", metavar="PATH", help="also write test accuracy against training FLOPs as a PNG")
+    parser.add_argument("--tickets", action="store_true",
+                        help="instead, compare the tickets of two runs: channels on which their masks agree, per ratio")
+
+
+def _models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--num-classes", type=int, default=10)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's arguments to its parser
+    run: Callable[[argparse.Namespace], None]
+    distributed: bool = False  # runs under torchrun
+
+
+COMMANDS: dict[str, Command] = {  # the first is the default
+    "search": Command("EB-Train: search, prune and retrain every ticket (the default)", _add_config_flags, _search,
+                      distributed=True),
+    "train": Command("train the dense network for the full schedule (the baseline)", _add_config_flags, _train,
+                     distributed=True),
+    "prune": Command("write the physically pruned network of a ticket", _prune_arguments, _prune),
+    "retrain": Command("train a ticket's pruned network through the rest of the schedule", _retrain_arguments,
+                       _retrain, distributed=True),
+    "lottery": Command("lottery-ticket experiment: iterative magnitude pruning with resetting, random-reinit and "
+                       "random-pruning controls, several seeds", _add_config_flags, _lottery),
+    "report": Command("one table across runs: accuracy, training FLOPs, savings, seconds", _report_arguments, _report),
+    "models": Command("list the registered architectures with parameter counts", _models_arguments, _models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ebtrain", description="Find Early-Bird tickets and train them.")
+    parser.add_argument("--version", action="version", version=f"ebtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,15 +298,17 @@ def _command(argv: list[str]) -> int:
     """Parse `argv`, join torchrun's process group if it started this process, and run the command;
     the exit code, with bad input and interruptions reported in one line."""
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "search")  # EB-Train is the default command
+        argv.insert(0, next(iter(COMMANDS)))  # EB-Train is the default command
     retain_freed_memory()  # a CPU step reuses its buffers instead of faulting in fresh pages
     try:
         args = build_parser().parse_args(argv)
-        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+        command = COMMANDS[args.command]
+        if distributed.launched() and not command.distributed:
+            under = ", ".join(name for name, c in COMMANDS.items() if c.distributed)
             raise UserError(f"'ebtrain {args.command}' runs in one process: start it with python -m ebtrain, "
-                            f"not torchrun (under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+                            f"not torchrun (under torchrun: {under})")
         distributed.setup()  # under torchrun: join the other processes
-        _run(args)
+        command.run(args)
     except UserError as e:
         print(f"ebtrain: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,42 @@ import yaml
 from .errors import UserError
 
 
-def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a setting allows: an interval written as in mathematics, "(0, 1)", "[2, 24]", "[0, inf)",
+    and values outside it that mean something else (`also`: -1 for 'take another setting's value')."""
+    interval: str
+    also: tuple = ()
+
+    @property
+    def ends(self) -> tuple[float, float]:
+        low, high = self.interval[1:-1].split(",")
+        return float(low), float(high)
+
+    def allows(self, value: float) -> bool:
+        low, high = self.ends
+        above = value > low if self.interval[0] == "(" else value >= low
+        below = value < high if self.interval[-1] == ")" else value <= high
+        return (above and below) or value in self.also
+
+    def rule(self, whole: bool) -> str:
+        """The rule in words, for an error message; `whole`: the setting takes whole numbers."""
+        low, high = self.ends
+        if high == math.inf and self.interval[0] == "[":
+            text = "must be 0 or more" if low == 0 else f"must be at least {low:g}"
+        elif high == math.inf and low == 0:
+            text = "must be positive" if whole else "must be a positive number"
+        else:
+            text = f"must lie in {self.interval}"
+        return text + "".join(f", or {v:g}" for v in self.also)
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, within: str | None = None,
+           also: tuple = (), nonempty: bool = False) -> Any:
+    """A setting: its default, its help text, and what it allows: `choices`, or numbers `within` an interval
+    (each number of a list; `nonempty`: the list needs one) plus the special values `also`."""
+    meta = {"help": help, "choices": choices, "bounds": Bounds(within, also) if within else None,
+            "nonempty": nonempty}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,34 +72,36 @@ class DataConfig:
     dataset: str = _field("cifar10", "dataset name", DATASETS)
     data_dir: str = _field("data", "where datasets live (for imagefolder: the folder holding train/ and test/)")
     download: bool = _field(False, "download torchvision datasets that are missing from data_dir")
-    train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)")
-    val_size: int = _field(0, "hold out N training images as a validation split (0: none)")
+    train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)",
+                               within="[0, inf)")
+    val_size: int = _field(0, "hold out N training images as a validation split (0: none)", within="[0, inf)")
     augment: str = _field("auto", "random crop with padding and horizontal flip: auto (on for CIFAR-like "
                           "colour data), on, off", ("auto", "on", "off"))
-    synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)")
-    image_size: int = _field(32, "synthetic dataset: image side in pixels")
-    num_classes: int = _field(10, "synthetic dataset: number of classes")
-    channels: int = _field(3, "synthetic dataset: image channels")
+    synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)",
+                                 within="[1, inf)")
+    image_size: int = _field(32, "synthetic dataset: image side in pixels", within="[1, inf)")
+    num_classes: int = _field(10, "synthetic dataset: number of classes", within="[2, inf)")
+    channels: int = _field(3, "synthetic dataset: image channels", within="[1, inf)")
 
 
 @dataclass
 class ModelConfig:
     arch: str = _field("vgg16", "architecture name (see `ebtrain models`)")
-    width: float = _field(1.0, "channel-width multiplier, e.g. 0.25 for CPU-sized runs")
+    width: float = _field(1.0, "channel-width multiplier, e.g. 0.25 for CPU-sized runs", within="(0, inf)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _field(160, "total training epochs of the dense schedule")
+    epochs: int = _field(160, "total training epochs of the dense schedule", within="(0, inf)")
     batch_size: int = _field(256, "training batch size (under torchrun the global batch, split evenly among "
-                             "the processes)")
+                             "the processes)", within="(0, inf)")
     optimizer: str = _field("sgd", "optimizer", ("sgd", "adam"))
-    lr: float = _field(0.1, "initial learning rate")
-    momentum: float = _field(0.9, "SGD momentum")
-    weight_decay: float = _field(1e-4, "weight decay")
+    lr: float = _field(0.1, "initial learning rate", within="(0, inf)")
+    momentum: float = _field(0.9, "SGD momentum", within="[0, 1)")
+    weight_decay: float = _field(1e-4, "weight decay", within="[0, inf)")
     milestones: list = _field([0.5, 0.75], "epochs at which the learning rate is multiplied by gamma; "
                               "values below 1 are fractions of the epochs")
-    gamma: float = _field(0.1, "learning-rate decay factor at each milestone")
+    gamma: float = _field(0.1, "learning-rate decay factor at each milestone", within="(0, inf)")
     seed: int = _field(1, "random seed for initialization and data order")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     compile: str = _field("auto", "compile the training step (forward with the loss, backward, the update with its "
@@ -75,26 +112,31 @@ class TrainConfig:
                                  "for bit (slower); on the CPU runs repeat exactly anyway")
     sync_bn: bool = _field(False, "under torchrun on GPUs: BatchNorm statistics of the whole global batch "
                            "(SyncBatchNorm) rather than of each GPU's share")
-    eval_batch_size: int = _field(1024, "batch size for evaluation")
+    eval_batch_size: int = _field(1024, "batch size for evaluation", within="(0, inf)")
 
 
 @dataclass
 class SearchConfig:
-    ratios: list = _field([0.3, 0.5, 0.7], "channel pruning ratios to draw Early-Bird tickets for")
-    eps: float = _field(0.1, "mask-distance threshold below which a ticket has emerged")
-    queue_length: int = _field(5, "number of recent mask distances the detector looks at")
+    ratios: list = _field([0.3, 0.5, 0.7], "channel pruning ratios to draw Early-Bird tickets for",
+                          within="(0, 1)", nonempty=True)
+    eps: float = _field(0.1, "mask-distance threshold below which a ticket has emerged", within="(0, 1)")
+    queue_length: int = _field(5, "number of recent mask distances the detector looks at", within="[2, inf)")
     eb_rule: str = _field("paper", "paper: max of the FIFO queue of consecutive-epoch distances below eps; "
                           "reference: newest mask within eps of each older mask in the window",
                           ("paper", "reference"))
     min_keep: float = _field(0.0, "fraction of each prunable layer's channels that every mask keeps, its "
                              "highest-scored ones, with the rest of the ratio's pruning taken from the other "
-                             "layers (0: the paper's global ranking, which keeps at least one per layer)")
-    sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)")
-    max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)")
+                             "layers (0: the paper's global ranking, which keeps at least one per layer)",
+                             within="[0, 1)")
+    sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)",
+                             within="[0, inf)")
+    max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)",
+                                    within="[0, inf)")
     precision: str = _field("fp32", "arithmetic of the search: fp32, or bfp8 (simulated block floating point "
                             "with stochastic rounding on weights, activations, gradients, errors and momentum; "
                             "BatchNorm stays fp32); retraining is always fp32", ("fp32", "bfp8"))
-    bits: int = _field(8, "word length of the block floating point numbers with --precision bfp8 (2 to 24)")
+    bits: int = _field(8, "word length of the block floating point numbers with --precision bfp8 (2 to 24)",
+                       within="[2, 24]")
     retrain: bool = _field(True, "after the search, prune and retrain every ticket")
     init: str = _field("eb", "weights the pruned network starts from: eb (the Early-Bird weights), reinit "
                        "(fresh random weights, full schedule), rewind (kept initial weights)",
@@ -102,28 +144,30 @@ class SearchConfig:
     round_channels: int = _field(0, "round each layer of a pruned network up to a multiple of N channels (at most "
                                  "its dense size), keeping again its highest-scored pruned channels, so tensor "
                                  "cores stay efficient; the Early-Bird mask is unchanged (1: no rounding; 0: auto, "
-                                 f"{GPU_ROUND_CHANNELS} when training on CUDA, 1 elsewhere)")
+                                 f"{GPU_ROUND_CHANNELS} when training on CUDA, 1 elsewhere)", within="[0, inf)")
     baseline: bool = _field(False, "also train the dense network for the full schedule, for comparison")
 
 
 @dataclass
 class LotteryConfig:
     rounds: int = _field(14, "pruning rounds after the dense training (round 0); 14 rounds at rate 0.2 leave "
-                         "4.4 percent of the weights")
+                         "4.4 percent of the weights", within="[1, inf)")
     rate: float = _field(0.2, "fraction of the remaining weights pruned in each round (with --structured: of "
-                         "the remaining channels; with --global-pruning: of all remaining weights)")
-    conv_rate: float = _field(-1.0, "per-round pruning rate of conv layers (-1: --rate)")
-    fc_rate: float = _field(-1.0, "per-round pruning rate of hidden fully connected layers (-1: --rate)")
-    output_rate: float = _field(-1.0, "per-round pruning rate of the output layer (-1: half the fc rate)")
+                         "the remaining channels; with --global-pruning: of all remaining weights)", within="(0, 1)")
+    conv_rate: float = _field(-1.0, "per-round pruning rate of conv layers (-1: --rate)", within="[0, 1)", also=(-1,))
+    fc_rate: float = _field(-1.0, "per-round pruning rate of hidden fully connected layers (-1: --rate)",
+                            within="[0, 1)", also=(-1,))
+    output_rate: float = _field(-1.0, "per-round pruning rate of the output layer (-1: half the fc rate)",
+                                within="[0, 1)", also=(-1,))
     global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold) "
                                   "instead of pruning each layer at its own rate")
     one_shot: bool = _field(False, "prune the trained dense network straight to each round's sparsity instead "
                             "of pruning the previous round's ticket")
     rewind_iter: int = _field(0, "reset kept weights to their values at this iteration of the dense training "
                               "(0: the initialization)")
-    iterations: int = _field(50000, "training iterations of every network in every round")
+    iterations: int = _field(50000, "training iterations of every network in every round", within="[1, inf)")
     eval_every: int = _field(100, "iterations between validation-loss evaluations (early stopping)")
-    seeds: int = _field(1, "independent runs, seeds train.seed, train.seed + 1, ...")
+    seeds: int = _field(1, "independent runs, seeds train.seed, train.seed + 1, ...", within="[1, inf)")
     reinit: bool = _field(True, "control: the ticket's mask with fresh random weights")
     random_prune: bool = _field(True, "control: a random mask with the ticket's per-layer sparsity")
     structured: bool = _field(False, "prune channels by BatchNorm weight (Early-Bird masks) instead of single "
@@ -172,6 +216,11 @@ def field_type(f: dataclasses.Field) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a setting: 'eb_rule' -> '--eb-rule'."""
+    return "--" + name.replace("_", "-")
+
+
 def _closest(name: str, options: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
@@ -206,10 +255,39 @@ def coerce(section: str, name: str, value: Any) -> Any:
         raise UserError(f"{where} = {value!r} is not allowed: "
                         + (f"choose from {', '.join(choices)}" if choices else "expected text"))
     value = str(value)
-    if choices and value not in choices:
-        raise UserError(f"{where} = {value!r} is not allowed: choose from {', '.join(choices)}"
-                        + _closest(value, choices))
+    rule = _broken_rule(f, value)
+    if rule:
+        raise UserError(f"{where} = {value!r} is not allowed: {rule}" + _closest(value, choices))
     return value
+
+
+def check_allowed(settings: Any) -> None:
+    """Check that every setting of `settings` (a Config, or one section such as a DataConfig) is one its field
+    allows: one of its choices, a number within its bounds. Raises UserError naming the first that is not,
+    by its flag. Settings read from a file or the command line pass `coerce` first, which checks types."""
+    sections = [getattr(settings, s) for s in SECTIONS] if isinstance(settings, Config) else [settings]
+    for section in sections:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            rule = _broken_rule(f, value)
+            if rule:
+                shown = " ".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+                raise UserError(f"{flag(f.name)} {shown}".rstrip() + f": {rule}")
+
+
+def _broken_rule(f: dataclasses.Field, value: Any) -> str | None:
+    """The rule of field `f` that `value` breaks, in words; None if it keeps them all."""
+    choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+    if choices and value not in choices:
+        return f"choose from {', '.join(choices)}"
+    if isinstance(value, list):
+        if f.metadata.get("nonempty") and not value:
+            return f"give at least one value{f' in {bounds.interval}' if bounds else ''}"
+        if bounds and not all(bounds.allows(v) for v in value):
+            return "each " + bounds.rule(whole=False)
+    elif bounds and not bounds.allows(value):
+        return bounds.rule(whole=field_type(f) is int)
+    return None
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import UnreadableFile, atomic_save, load
-from .config import DataConfig
+from .config import DataConfig, check_allowed
 from .errors import UserError
 
 
@@ -123,9 +123,6 @@ def _load_digits(cfg: DataConfig, seed: int) -> Splits:
 
 
 def _make_synthetic(cfg: DataConfig, seed: int) -> Splits:
-    for name in ("synthetic_size", "image_size", "num_classes", "channels"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"synthetic dataset: {name} = {getattr(cfg, name)} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     k, c, s = cfg.num_classes, cfg.channels, cfg.image_size
     # One smooth prototype per class (a random 4x4 pattern blown up to the image size): it survives a
@@ -324,8 +321,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def _split(train: ImageSet, subset: int, val_size: int, seed: int, name: str) -> tuple[ImageSet, ImageSet | None]:
     """Keep the first `subset` images of a seeded shuffle, then hold the first `val_size` of those out."""
     n = len(train)
-    if subset < 0 or val_size < 0:
-        raise UserError(f"train_subset ({subset}) and val_size ({val_size}) must not be negative")
     if subset > n:
         raise UserError(f"train_subset = {subset} is more than the {n} training images of {name}")
     kept = subset or n
@@ -339,8 +334,6 @@ def _split(train: ImageSet, subset: int, val_size: int, seed: int, name: str) ->
 
 
 def _should_augment(setting: str, name: str, channels: int, size: int) -> bool:
-    if setting not in ("auto", "on", "off"):
-        raise UserError(f"augment = {setting!r} is not allowed: choose from auto, on, off")
     if setting != "auto":
         return setting == "on"
     # Crop-and-flip is the CIFAR recipe; it hurts digits (a mirrored 2 is not a 2) and tiny images.
@@ -351,10 +344,10 @@ def load_data(cfg: DataConfig, seed: int = 1) -> DataBundle:
     """Load the dataset `cfg.dataset` into memory, split it and describe it.
 
     `seed` fixes the synthetic data, the training subset and the validation split. Raises UserError
-    (one line) for unknown names, missing data and impossible subset or validation sizes.
+    (one line) for settings outside their bounds (`config.check_allowed`), unknown names, missing data
+    and subset or validation sizes the data cannot give.
     """
-    if cfg.dataset not in SOURCES:
-        raise UserError(f"unknown dataset '{cfg.dataset}': choose from {', '.join(SOURCES)}")
+    check_allowed(cfg)
     train, test, classes = SOURCES[cfg.dataset](cfg, seed)
     train, val = _split(train, cfg.train_subset, cfg.val_size, seed, cfg.dataset)
     mean, std = KNOWN_STATS.get(cfg.dataset) or channel_stats(train.images)

@@ -1,15 +1,11 @@
 """EB-Train as plain functions: search for Early-Bird tickets, prune and retrain each, summarize.
 
-    summary = eb_train(cfg, run_dir)      # the whole job, resumable
+    summary = eb_train(cfg, run_dir)      # the whole job (`ebtrain search`), resumable
+    summary = dense_job(cfg, run_dir)     # `ebtrain train`: the dense network alone
 
-Layout of a run directory:
-    config.yaml, summary.json, init.pt (weights at initialization)
-    search/      metrics.jsonl, checkpoint.pt, TensorBoard events, distance_p30.png, ...
-    tickets/     p30.pt (ratio, EB epoch, mask, channels kept, weights at the EB epoch)
-    retrain/p30/ metrics.jsonl, checkpoint.pt, events, model.pt (the trained pruned network), result.json
-    baseline/    the dense network trained for the full schedule (with --baseline)
-Every phase writes result.json when it finishes, so a resumed run skips what is done and continues
-the phase in progress from its checkpoint.
+The phases: `search.run_search` (search/, tickets/), `retrain_ticket` (retrain/pNN/), `train_baseline`
+(baseline/); rundir.py names every file. Every phase writes result.json when it finishes, so a resumed run
+skips what is done and continues the phase in progress from its checkpoint.
 Every phase's result.json holds its cost (FLOPs, seconds; see flops.py), summary.json the run's
 (`cost`: search, each ticket, the dense baseline, savings), and each phase folder a TensorBoard run
 `flops/` with test accuracy against cumulative training FLOPs.
@@ -24,187 +20,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
 from .config import Config, rounding_multiple
 from .data import DataBundle, load_data
-from .earlybird import EarlyBird, Ticket, channel_scores, prunable_bns
 from .errors import UserError
-from .flops import CostMeter, detector_ops, measure_cost, run_cost, search_total
+from .flops import run_cost, search_total
 from .models import build_model, count_params, save_model
-from .monitor import distance_matrix_figure, kept_channels_figure, save_figure
-from .prune import kept_channels, prune_channels, round_keep
-from .quant import BFPTraining
-from .rundir import SUMMARY_FILE
-from .train import Hook, Trainer, resolve_device, seed_everything
-
-RESULT_FILE = "result.json"
-INIT_FILE = "init.pt"
-
-
-def ratio_name(ratio: float) -> str:
-    """0.3 -> 'p30': the name of a ratio's ticket file and retrain folder."""
-    return f"p{ratio * 100:g}"
-
-
-class L1Sparsity(Hook):
-    """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs.
-
-    Under torchrun DDP has averaged the gradients over the ranks by the time backward returns, so the
-    penalty is added once, to the averaged gradient, and alike on every rank (the weights are the same).
-    """
-
-    def __init__(self, model: nn.Module, strength: float):
-        self.weights = [bn.weight for _, bn in prunable_bns(model)]
-        self.strength = strength
-
-    def after_backward(self, trainer: Trainer) -> None:
-        grads = [w.grad for w in self.weights]
-        torch._foreach_add_(grads, torch._foreach_sign([w.detach() for w in self.weights]), alpha=self.strength)
-
-
-class EarlyBirdHook(Hook):
-    """Runs the detector after every search epoch, saves each ticket as it emerges, stops when all have.
-
-    Under torchrun the detector draws its masks on rank 0, which alone saves tickets and figures, and
-    every rank's detector becomes a copy of rank 0's: one set of tickets, one decision to stop.
-    """
-
-    def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int):
-        self.detector = detector
-        self.run_dir = run_dir
-        self.max_epochs = max_epochs
-
-    def step(self, epoch: int) -> list[Ticket]:
-        """Draw the masks of epoch `epoch`: the tickets that emerged now (on rank 0; [] on the others)."""
-        tickets = self.detector.step(epoch) if distributed.is_main() else []
-        distributed.sync_from_main(self.detector)
-        return tickets
-
-    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
-        for ticket in self.step(epoch):
-            path = save_ticket(ticket, trainer.model, self.run_dir)
-            print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
-                  file=sys.stderr, flush=True)
-            self.draw(trainer, epoch, ticket.ratio)
-        for ratio in self.detector.ratios:
-            tag = f"eb/{ratio_name(ratio)}"
-            distance = self.detector.last_distance(ratio)
-            queue = self.detector.queue(ratio)
-            values = {}
-            if distance is not None:
-                values[f"{tag}/distance"] = distance
-                metrics[f"eb_{ratio_name(ratio)}_distance"] = distance
-            if queue:
-                values[f"{tag}/queue_max"] = max(queue)
-            trainer.monitor.scalars(epoch, values)
-        trainer.stop = self.should_stop(epoch)
-
-    def should_stop(self, epoch: int) -> bool:
-        return self.detector.done or epoch >= self.max_epochs
-
-    def draw(self, trainer: Trainer, epoch: int, ratio: float) -> None:
-        """The epoch-by-epoch mask-distance matrix, to TensorBoard and as PNG in the search folder."""
-        ticket = self.detector.emerged.get(ratio)
-        fig = distance_matrix_figure(self.detector.distance_matrix(ratio), self.detector.epochs, ratio,
-                                     ticket.epoch if ticket else None)
-        trainer.monitor.figure(f"eb/{ratio_name(ratio)}/distance_matrix", fig, epoch)
-        save_figure(fig, self.run_dir / "search" / f"distance_{ratio_name(ratio)}.png")
-
-    def state_dict(self) -> dict:
-        return self.detector.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.detector.load_state_dict(state)
-
-
-# ---- tickets -----------------------------------------------------------------------------------
-def save_ticket(ticket: Ticket, model: nn.Module, run_dir: Path) -> Path:
-    """Write tickets/pNN.pt: ratio, EB epoch, mask per layer, channels kept, and the weights now."""
-    names = [name for name, _ in prunable_bns(model)]
-    path = run_dir / "tickets" / f"{ratio_name(ticket.ratio)}.pt"
-    checkpoint.atomic_save({
-        "kind": "ebtrain-ticket", "ratio": ticket.ratio, "epoch": ticket.epoch, "layers": names,
-        "keep": ticket.mask.per_layer(), "kept_channels": ticket.mask.kept_per_layer(),
-        "dense_channels": list(ticket.mask.sizes), "kept_back": ticket.mask.kept_back,
-        "distances": ticket.distances, "arch": model.arch,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }, path)
-    return path
-
-
-def load_ticket(path: str | Path) -> dict:
-    """Read a ticket file written by the search; a file that is not one raises UserError.
-    Under torchrun rank 0 reads it and every rank gets its contents."""
-    return distributed.from_main(_read_ticket, Path(path))
-
-
-def _read_ticket(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"ticket file '{path}' not found")
-    try:
-        ticket = checkpoint.load(path)
-    except (checkpoint.UnreadableFile, OSError) as e:
-        raise UserError(f"'{path}' is not a readable ticket file ({e})") from None
-    if not isinstance(ticket, dict) or ticket.get("kind") != "ebtrain-ticket":
-        raise UserError(f"'{path}' is not an ebtrain ticket file (those are written to RUN/tickets/)")
-    return ticket
-
-
-def dense_from_ticket(ticket: dict) -> nn.Module:
-    """The dense network with the ticket's weights, those at the EB epoch; UserError if the weights or
-    the masks do not fit the ticket's arch (a damaged ticket, or one edited by hand)."""
-    dense = build_model(**ticket["arch"])
-    what = f"the ticket for p = {ticket['ratio']:g} does not fit its arch {ticket['arch']['name']}"
-    try:
-        dense.load_state_dict(ticket["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{what}: {' '.join(str(e).split())[:300]}") from None
-    sizes = [bn.num_features for _, bn in prunable_bns(dense)]
-    if [len(k) for k in ticket["keep"]] != sizes:
-        raise UserError(f"{what}: it has masks for layers of {[len(k) for k in ticket['keep']]} channels, the arch "
-                        f"has {sizes}")
-    return dense
-
-
-def pruned_from_ticket(ticket: dict) -> tuple[nn.Module, nn.Module]:
-    """(dense network with the EB weights, the physically pruned network with the kept slices)."""
-    dense = dense_from_ticket(ticket)
-    return dense, prune_channels(dense, ticket["keep"])
-
-
-def round_ticket(ticket: dict, multiple: int) -> dict:
-    """The ticket with each layer's kept channels rounded up to a multiple of `multiple` (`round_keep`,
-    by |gamma| at the EB epoch): its `keep` and `kept_channels` then describe the network that is cut
-    and trained, and `channels_rounded_added` counts the channels the rounding kept again."""
-    keep = round_keep(ticket["keep"], channel_scores(dense_from_ticket(ticket)), multiple)
-    return {**ticket, "keep": keep, "kept_channels": kept_channels(keep),
-            "channels_rounded_added": sum(kept_channels(keep)) - sum(ticket["kept_channels"])}
+from .prune import prune_channels
+from .search import cost_meter, run_search, show_progress
+from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket
+from .train import Trainer, new_model, resolve_device, seed_everything
 
 
 # ---- phases ------------------------------------------------------------------------------------
-def _progress(cfg: Config) -> bool:
-    return cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty())
-
-
-def _dense_model(cfg: Config, data: DataBundle) -> nn.Module:
-    seed_everything(cfg.train.seed)
-    return build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                       width=cfg.model.width, image_size=data.image_size)
-
-
-def _finished(out_dir: Path) -> dict | None:
-    """The phase's result if it has finished (read on rank 0 under torchrun and handed to every rank)."""
-    path = out_dir / RESULT_FILE
-    return distributed.from_main(lambda: checkpoint.load_json(path) if path.exists() else None)
-
-
-def _cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
-    """Measures the model's FLOPs at the training batch size and meters them through a phase."""
-    return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
-
-
 def _initial_weights(run_dir: Path) -> dict:
-    path = run_dir / INIT_FILE
+    path = run_dir / rundir.INIT_FILE
     if not path.exists():
         raise UserError(f"--init rewind needs the initial weights '{path}' written by the search")
     return checkpoint.load(path)
@@ -214,64 +44,14 @@ def _save_phase(result: dict, model: nn.Module, out_dir: Path, **extra) -> None:
     """Write the trained network (model.pt, with `extra` entries) and then result.json, which marks the
     phase finished; under torchrun from rank 0 only."""
     if distributed.is_main():
-        save_model(model.cpu(), out_dir / "model.pt", **extra)
-        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
+        save_model(model.cpu(), out_dir / rundir.MODEL_FILE, **extra)
+        checkpoint.atomic_write_json(result, out_dir / rundir.RESULT_FILE)
 
 
 def _search_flops(ticket_path: Path) -> float:
     """What the search that drew the ticket spent, where a retrain's cumulative FLOPs start (0 if unknown)."""
-    search = _finished(Path(ticket_path).parent.parent / "search")
+    search = rundir.finished(rundir.search_dir(rundir.run_of_ticket(ticket_path)))
     return search_total(search["cost"])["flops"] if search and "cost" in search else 0
-
-
-def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:
-    """Train the dense network with the L1 penalty until every ratio's ticket has emerged."""
-    out_dir = run_dir / "search"
-    done = _finished(out_dir)
-    if done is not None:
-        return done
-    model = _dense_model(cfg, data)
-    if distributed.is_main() and not (run_dir / INIT_FILE).exists():
-        checkpoint.atomic_save(model.state_dict(), run_dir / INIT_FILE)
-    s = cfg.search
-    detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
-                         min_keep=s.min_keep)
-    max_epochs = s.max_search_epochs or cfg.train.epochs
-    meter = _cost_meter(model, cfg, data)  # before BFP hooks attach: FLOPs are counted at full precision
-    hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
-    if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
-        hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
-    eb_hook = EarlyBirdHook(detector, run_dir, max_epochs)
-    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook, meter],
-                      end_epoch=min(max_epochs, cfg.train.epochs), progress=_progress(cfg),
-                      tensorboard=cfg.run.tensorboard, name="search")
-    if trainer.resume():
-        trainer.stop = eb_hook.should_stop(trainer.epoch)  # killed after the last epoch's checkpoint
-    else:
-        eb_hook.step(0)  # the mask at initialization starts the distance matrix
-    result = trainer.fit()
-    channels = [bn.num_features for _, bn in prunable_bns(model)]
-    cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.ratios),
-                                                                  len(detector.epochs)),
-            # a bfp search's multiply-adds are 8-bit (or --bits) operations, not fp32 ones
-            "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
-    result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
-    result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
-                  tickets={ratio_name(r): str(Path("tickets") / f"{ratio_name(r)}.pt") for r in detector.emerged})
-    if distributed.is_main():
-        for ratio in detector.ratios:
-            eb_hook.draw(trainer, trainer.epoch, ratio)
-        names = [name for name, _ in prunable_bns(model)]
-        kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
-        save_figure(kept_channels_figure(names, channels, kept), out_dir / "kept_channels.png")
-        if detector.pending:
-            last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
-                             for r in detector.pending)
-            print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
-                  "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
-        checkpoint.atomic_write_json(result, out_dir / RESULT_FILE)
-    trainer.monitor.close()
-    return result
 
 
 def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBundle, device: torch.device,
@@ -283,7 +63,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     'rewind' resets the kept weights to their values at initialization (RUN/init.pt) and trains the
     full schedule.
     """
-    done = _finished(out_dir)
+    done = rundir.finished(out_dir)
     if done is not None:
         return done
     multiple = rounding_multiple(cfg.search, device.type)
@@ -297,15 +77,15 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
         fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
         pruned, start = fresh, 0
     elif init == "rewind":
-        dense.load_state_dict(distributed.from_main(_initial_weights, Path(ticket_path).parent.parent))
+        dense.load_state_dict(distributed.from_main(_initial_weights, rundir.run_of_ticket(ticket_path)))
         pruned = prune_channels(dense, ticket["keep"])
         start = 0
     if start >= cfg.train.epochs:
         raise UserError(f"the ticket was drawn at epoch {start}, at or past the schedule's {cfg.train.epochs} "
                         "epochs: nothing is left to retrain")
-    meter = _cost_meter(pruned, cfg, data, _search_flops(ticket_path))
+    meter = cost_meter(pruned, cfg, data, _search_flops(ticket_path))
     trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter], start_epoch=start,
-                      progress=_progress(cfg), tensorboard=cfg.run.tensorboard,
+                      progress=show_progress(cfg), tensorboard=cfg.run.tensorboard,
                       name=f"retrain {ratio_name(ticket['ratio'])} ({init})")
     trainer.resume()
     result = trainer.fit()
@@ -320,15 +100,15 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     return result
 
 
-def train_dense(cfg: Config, out_dir: Path, data: DataBundle, device: torch.device) -> dict:
+def train_baseline(cfg: Config, out_dir: Path, data: DataBundle, device: torch.device) -> dict:
     """The dense baseline: the same initialization as the search, no sparsity, the full schedule."""
-    done = _finished(out_dir)
+    done = rundir.finished(out_dir)
     if done is not None:
         return done
-    model = _dense_model(cfg, data)
-    meter = _cost_meter(model, cfg, data)
+    model = new_model(cfg, data, cfg.train.seed)  # the search's initial weights
+    meter = cost_meter(model, cfg, data)
     trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter],
-                      progress=_progress(cfg), tensorboard=cfg.run.tensorboard, name="dense")
+                      progress=show_progress(cfg), tensorboard=cfg.run.tensorboard, name="dense")
     trainer.resume()
     result = trainer.fit()
     trainer.monitor.close()
@@ -349,31 +129,33 @@ def _summary_head(cfg: Config, device: torch.device) -> dict:
 
 def _save_summary(summary: dict, run_dir: Path) -> None:
     if distributed.is_main():
-        checkpoint.atomic_write_json(summary, run_dir / SUMMARY_FILE)
+        checkpoint.atomic_write_json(summary, run_dir / rundir.SUMMARY_FILE)
 
 
-def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
-    """The main job: search, then prune and retrain every ticket, then summary.json."""
-    device = resolve_device(cfg.train.device)
+def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device: torch.device | None = None) -> dict:
+    """The main job: search, then prune and retrain every ticket, then summary.json. `data` and `device`
+    default to those the settings name."""
+    device = device or resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     summary = _summary_head(cfg, device)
     search = run_search(cfg, run_dir, data, device)
     summary["search"] = search
     summary["tickets"] = {}
     if cfg.search.retrain:
-        eb_epochs = {ratio_name(float(r)): v["eb_epoch"] for r, v in search["detector"]["ratios"].items()}
-        for name, rel in search["tickets"].items():
-            if cfg.search.init == "eb" and eb_epochs[name] >= cfg.train.epochs:
+        drawn = {ratio_name(float(r)): (float(r), v["eb_epoch"]) for r, v in search["detector"]["ratios"].items()}
+        for name, path in search["tickets"].items():
+            ratio, eb_epoch = drawn[name]
+            if cfg.search.init == "eb" and eb_epoch >= cfg.train.epochs:
                 if distributed.is_main():
                     print(f"ebtrain: the ticket {name} emerged at the schedule's last epoch, so no epoch is left to "
                           "retrain it: raise --epochs or stop the search earlier (--max-search-epochs)",
                           file=sys.stderr, flush=True)
                 continue
-            folder = name if cfg.search.init == "eb" else f"{name}-{cfg.search.init}"
-            summary["tickets"][name] = retrain_ticket(cfg, run_dir / rel, run_dir / "retrain" / folder,
+            summary["tickets"][name] = retrain_ticket(cfg, run_dir / path,
+                                                      rundir.retrain_dir(run_dir, ratio, cfg.search.init),
                                                       data, device, cfg.search.init)
     if cfg.search.baseline:
-        summary["baseline"] = train_dense(cfg, run_dir / "baseline", data, device)
+        summary["baseline"] = train_baseline(cfg, rundir.baseline_dir(run_dir), data, device)
     summary["cost"] = run_cost(search["cost"], summary["tickets"],
                                summary.get("baseline", {}).get("cost"), cfg.train.epochs)
     summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")
@@ -381,11 +163,12 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict
     return summary
 
 
-def dense_only(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
-    """`ebtrain train`: the dense network for the full schedule, its result as summary.json."""
-    device = resolve_device(cfg.train.device)
+def dense_job(cfg: Config, run_dir: Path, data: DataBundle | None = None, device: torch.device | None = None) -> dict:
+    """`ebtrain train`: the dense network for the full schedule, its result as summary.json. `data` and
+    `device` default to those the settings name."""
+    device = device or resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
-    result = train_dense(cfg, run_dir, data, device)
+    result = train_baseline(cfg, run_dir, data, device)
     summary = {**_summary_head(cfg, device), "baseline": result}
     _save_summary(summary, run_dir)
     return summary

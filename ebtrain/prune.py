@@ -1,29 +1,21 @@
 """Channel pruning: a keep mask over the prunable BNs -> a physically smaller network.
 
 The new network is the same family built with a smaller channel config (`arch["cfg"]`); the kept
-slices of every conv, BN and linear layer are copied into it. Correctness reference: in eval mode it
-computes what the dense network computes with the pruned channels switched off (BN weight and bias
-zeroed), see `switch_off_channels`.
+slices of every conv, BN and linear layer are copied into it. Which layers shrink, and how, each family
+says itself beside its `prunable_bns()`: `model.channel_plan(indices)` (see models/vgg.py), so this
+module knows no family. Correctness reference: in eval mode the pruned network computes what the dense
+network computes with the pruned channels switched off (BN weight and bias zeroed), see
+`switch_off_channels`.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ebtrain.errors import UserError
 from ebtrain.models import build_model, load_model
-from ebtrain.models.preresnet import Bottleneck, ChannelSelection, PreResNet
-from ebtrain.models.resnet import BasicBlock, ResNet
-from ebtrain.models.vgg import VGG
-
-# A cut: (kept output-channel indices, kept input-channel indices) of one layer; None keeps all.
-Cut = tuple[torch.Tensor | None, torch.Tensor | None]
-# What a family's planner returns: the new cfg, the cut of every layer that shrinks, and state
-# entries to replace outright (the channel-selection masks).
-Plan = tuple[list, dict[str, Cut], dict[str, torch.Tensor]]
 
 load_pruned = load_model
 
@@ -79,10 +71,9 @@ def prune_channels(model: nn.Module, keep: list[torch.Tensor]) -> nn.Module:
     for name, k in zip(names, keep):
         if not k.any():
             raise ValueError(f"keep mask removes every channel of {name}")
-    planner = _PLANNERS.get(type(model))
-    if planner is None:
-        raise TypeError(f"no channel pruning for {type(model).__name__}")
-    cfg, cuts, replaced = planner(model, {name: k.nonzero().squeeze(1) for name, k in zip(names, keep)})
+    if not hasattr(model, "channel_plan"):
+        raise TypeError(f"no channel pruning for {type(model).__name__}: its family states no channel_plan()")
+    cfg, cuts, replaced = model.channel_plan({name: k.nonzero().squeeze(1) for name, k in zip(names, keep)})
     state = model.state_dict()
     for layer, (out_idx, in_idx) in cuts.items():
         for key, tensor in model.get_submodule(layer).state_dict(prefix=f"{layer}.").items():
@@ -90,7 +81,7 @@ def prune_channels(model: nn.Module, keep: list[torch.Tensor]) -> nn.Module:
     state.update(replaced)
     device = next(model.parameters()).device
     pruned = build_model(**{**model.arch, "cfg": cfg}).to(device)
-    pruned.load_state_dict(state)  # strict: any layer the planner forgot fails loudly here
+    pruned.load_state_dict(state)  # strict: any layer the plan forgot fails loudly here
     return pruned.train(model.training)
 
 
@@ -119,68 +110,3 @@ def _cut(tensor: torch.Tensor, out_idx: torch.Tensor | None, in_idx: torch.Tenso
     if in_idx is not None and tensor.dim() >= 2:
         tensor = tensor.index_select(1, in_idx)
     return tensor
-
-
-def _plan_vgg(model: VGG, indices: dict[str, torch.Tensor]) -> Plan:
-    cfg: list = []
-    cuts: dict[str, Cut] = {}
-    previous = None  # the first conv reads the whole image
-    for i, layer in enumerate(model.features):
-        if isinstance(layer, nn.MaxPool2d):
-            cfg.append("M")
-        elif isinstance(layer, nn.Conv2d):
-            conv, bn = f"features.{i}", f"features.{i + 1}"  # every conv is followed by its BN
-            kept = indices[bn]
-            cuts[conv], cuts[bn] = (kept, previous), (kept, None)
-            cfg.append(len(kept))
-            previous = kept
-    cuts["classifier"] = (None, previous)
-    return cfg, cuts, {}
-
-
-def _plan_resnet(model: ResNet, indices: dict[str, torch.Tensor]) -> Plan:
-    cfg: list = []
-    cuts: dict[str, Cut] = {}
-    for name, block in model.named_modules():
-        if isinstance(block, BasicBlock):
-            kept = indices[f"{name}.bn1"]
-            cuts[f"{name}.conv1"], cuts[f"{name}.bn1"] = (kept, None), (kept, None)
-            cuts[f"{name}.conv2"] = (None, kept)
-            cfg.append(len(kept))
-    return cfg, cuts, {}
-
-
-def _plan_preresnet(model: PreResNet, indices: dict[str, torch.Tensor]) -> Plan:
-    cfg: list = []
-    cuts: dict[str, Cut] = {}
-    masks: dict[str, torch.Tensor] = {}
-
-    def select(name: str, bn: str) -> torch.Tensor:
-        """Narrow channel selection `name` to the kept channels of `bn`; return which of the
-        channels it passed on so far it still passes on (the cut of the next layer's input)."""
-        selection: ChannelSelection = model.get_submodule(name)
-        keep = torch.zeros_like(selection.mask)
-        keep[indices[bn]] = True
-        still = keep[selection.index].nonzero().squeeze(1)
-        if len(still) == 0:
-            raise ValueError(f"keep mask removes every channel that {name} selects")
-        masks[f"{name}.mask"] = selection.mask & keep
-        return still
-
-    for name, block in model.named_modules():
-        if isinstance(block, Bottleneck):
-            inputs = select(f"{name}.select", f"{name}.bn1")
-            mid, out = indices[f"{name}.bn2"], indices[f"{name}.bn3"]
-            cuts[f"{name}.conv1"], cuts[f"{name}.bn2"] = (mid, inputs), (mid, None)
-            cuts[f"{name}.conv2"], cuts[f"{name}.bn3"] = (out, mid), (out, None)
-            cuts[f"{name}.conv3"] = (None, out)
-            cfg += [len(inputs), len(mid), len(out)]
-    inputs = select("select", "bn")
-    cuts["fc"] = (None, inputs)
-    cfg.append(len(inputs))
-    return cfg, cuts, masks
-
-
-_PLANNERS: dict[type, Callable[[nn.Module, dict[str, torch.Tensor]], Plan]] = {
-    VGG: _plan_vgg, ResNet: _plan_resnet, PreResNet: _plan_preresnet}
-

@@ -30,15 +30,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .earlybird import jaccard, mask_distance
 from .errors import UserError
+from .figures import acc_vs_flops_figure, save_figure
 from .flops import baseline_cost, ticket_cost
-from .monitor import save_figure  # first: it sets matplotlib's file-only backend
-from .pipeline import load_ticket
 from .rundir import LOTTERY_FILE, SUMMARY_FILE
-
-import matplotlib.pyplot as plt
+from .tickets import load_ticket
 
 COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
            "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds",
@@ -120,7 +118,8 @@ def run_rows(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     if (run_dir / LOTTERY_FILE).is_file():
         return lottery_rows(run_dir)
-    retrains = [checkpoint.load_json(p) for p in sorted((run_dir / "retrain").glob("*/result.json"))]
+    retrains = [checkpoint.load_json(d / rundir.RESULT_FILE) for d in rundir.retrain_dirs(run_dir)
+                if (d / rundir.RESULT_FILE).is_file()]
     return summary_rows(read_summary(run_dir), run_dir.resolve().name, retrains)
 
 
@@ -186,7 +185,7 @@ def ticket_agreement_rows(run_a: str | Path, run_b: str | Path) -> list[dict]:
     Hamming distance); jaccard: percent of the channels kept by either that both keep; layers_agree:
     the agree figure per layer. Used to compare, for instance, a bfp8 search with a full-precision one.
     """
-    tickets = [{p.stem: p for p in sorted((Path(run) / "tickets").glob("p*.pt"))} for run in (run_a, run_b)]
+    tickets = [rundir.ticket_files(Path(run)) for run in (run_a, run_b)]
     rows = []
     for name in sorted(tickets[0].keys() & tickets[1].keys()):
         a, b = load_ticket(tickets[0][name]), load_ticket(tickets[1][name])
@@ -216,22 +215,13 @@ def format_agreement(rows: list[dict], run_a: str | Path, run_b: str | Path) -> 
 
 
 # ---- accuracy against training FLOPs -----------------------------------------------------------------
-def _phases(run_dir: Path) -> list[tuple[str, Path]]:
-    """(label, folder) of every training phase of a run that wrote metrics: a `train` run is one
-    dense phase in the run folder itself; an EB-Train run has search/, retrain/*/ and baseline/."""
-    candidates = [("dense", run_dir), ("search", run_dir / "search"),
-                  *((f"retrain {d.name}", d) for d in sorted((run_dir / "retrain").glob("*"))),
-                  ("dense", run_dir / "baseline")]
-    return [(label, folder) for label, folder in candidates if (folder / "metrics.jsonl").is_file()]
-
-
 def acc_vs_flops(run_dir: str | Path) -> list[tuple[str, list[float], list[float]]]:
     """(phase label, cumulative training FLOPs, test accuracy) per epoch of every phase of a run.
 
     A retrain's FLOPs start at its search's total, so the curves of one run join up."""
     curves = []
-    for label, folder in _phases(Path(run_dir)):
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    for label, folder in rundir.phases(Path(run_dir)):
+        lines = (folder / rundir.METRICS_FILE).read_text().splitlines()
         epochs = [m for m in map(json.loads, filter(None, lines)) if "cumulative_flops" in m]
         if epochs:
             curves.append((label, [m["cumulative_flops"] for m in epochs], [m["test_acc"] for m in epochs]))
@@ -245,12 +235,4 @@ def plot_acc_vs_flops(run_dirs: Sequence[str | Path], path: str | Path) -> None:
     if not curves:
         raise UserError("no run holds per-epoch FLOPs (metrics.jsonl with cumulative_flops) to plot")
     unit, scale = flop_unit(max(max(flops) for _, flops, _ in curves))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, flops, accs in curves:
-        ax.plot([f / scale for f in flops], [100 * a for a in accs], marker=".", label=label)
-    ax.set_xlabel(f"cumulative training {unit} (measured forward + backward)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    save_figure(fig, Path(path))
+    save_figure(acc_vs_flops_figure(curves, unit, scale), Path(path))

@@ -1,20 +1,98 @@
-"""Run directories: where a run's files go, and the rules for reusing one.
+"""Run directories: every path inside one, and the rules for reusing one (resume, overwrite).
 
+    RUN/config.yaml        the resolved settings            RUN/summary.json   the finished run's results
+    RUN/init.pt            the weights at initialization    RUN/tickets/p30.pt  a ticket (tickets.py)
+    RUN/search/            the search phase                 RUN/retrain/p30/    a ticket's retrain (EB weights)
+    RUN/retrain/p30-reinit/  a retrain from another init    RUN/baseline/       the dense baseline
+A phase folder holds metrics.jsonl, checkpoint.pt, TensorBoard events, and when the phase has finished
+result.json (and model.pt for a trained network); the `train` command's run folder is itself one phase.
 Under torchrun rank 0 alone creates and reads the run directory; the other ranks get the results.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
 
 from . import checkpoint, distributed
-from .config import Config, apply_overrides, dump_yaml, load_yaml
+from .config import Config, apply_overrides, dump_yaml, flag, load_yaml
 from .errors import UserError
+from .tickets import ratio_name
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 LOTTERY_FILE = "lottery.json"  # a lottery run's summary (ebtrain.lottery)
+INIT_FILE = "init.pt"
+# in a phase folder
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+
+
+def search_dir(run_dir: Path) -> Path:
+    return run_dir / "search"
+
+
+def tickets_dir(run_dir: Path) -> Path:
+    return run_dir / "tickets"
+
+
+def ticket_file(run_dir: Path, ratio: float) -> Path:
+    """RUN/tickets/p30.pt for ratio 0.3."""
+    return tickets_dir(run_dir) / f"{ratio_name(ratio)}.pt"
+
+
+def ticket_files(run_dir: Path) -> dict[str, Path]:
+    """Every ticket file of a run by name ('p30'), in name order (not the pruned models `prune` writes there)."""
+    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt")) if re.fullmatch(r"p[0-9.e+-]+", p.stem)}
+
+
+def pruned_model_file(ticket: str | Path, ratio: float) -> Path:
+    """Where `ebtrain prune` writes a ticket's pruned network by default: beside it, RUN/tickets/p30-pruned.pt."""
+    return Path(ticket).with_name(f"{ratio_name(ratio)}-pruned.pt")
+
+
+def run_of_ticket(ticket: str | Path) -> Path:
+    """The run folder a ticket file was written into (RUN for RUN/tickets/p30.pt)."""
+    return Path(ticket).parent.parent
+
+
+def retrain_dir(run_dir: Path, ratio: float, init: str = "eb") -> Path:
+    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'."""
+    return run_dir / "retrain" / (ratio_name(ratio) if init == "eb" else f"{ratio_name(ratio)}-{init}")
+
+
+def retrain_dirs(run_dir: Path) -> list[Path]:
+    """Every retrain folder of a run, in name order."""
+    return sorted(p for p in (run_dir / "retrain").glob("*") if p.is_dir())
+
+
+def baseline_dir(run_dir: Path) -> Path:
+    return run_dir / "baseline"
+
+
+def distance_figure(run_dir: Path, ratio: float) -> Path:
+    return search_dir(run_dir) / f"distance_{ratio_name(ratio)}.png"
+
+
+def kept_channels_figure(run_dir: Path) -> Path:
+    return search_dir(run_dir) / "kept_channels.png"
+
+
+def phases(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of every training phase of a run that wrote metrics: a `train` run is one dense
+    phase in the run folder itself; an EB-Train run has search/, retrain/*/ and baseline/."""
+    candidates = [("dense", run_dir), ("search", search_dir(run_dir)),
+                  *((f"retrain {d.name}", d) for d in retrain_dirs(run_dir)), ("dense", baseline_dir(run_dir))]
+    return [(label, folder) for label, folder in candidates if (folder / METRICS_FILE).is_file()]
+
+
+def finished(phase_dir: Path) -> dict | None:
+    """The phase's result if it has finished, else None (read on rank 0 under torchrun, handed to every rank)."""
+    path = phase_dir / RESULT_FILE
+    return distributed.from_main(lambda: checkpoint.load_json(path) if path.exists() else None)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -23,18 +101,40 @@ def default_run_dir(cfg: Config) -> Path:
     return Path(cfg.run.runs_dir) / f"{cfg.model.arch}-{cfg.data.dataset}-{stamp}"
 
 
+# ---- reusing a run folder ----------------------------------------------------------------------
+# What a resumed run may change: where it runs and how it reports, nothing its results depend on.
+RESUME_MAY_SET = {"run.out", "run.resume", "run.progress", "run.tensorboard", "train.device", "train.eval_batch_size"}
+
+
+def config_to_resume(overrides: dict[str, dict], config_file: str | None = None) -> Config:
+    """The saved config of the run in overrides' run.out, with the `overrides` that RESUME_MAY_SET; any other
+    setting (or a `config_file`) is refused, naming its flag."""
+    out = overrides.get("run", {}).get("out")
+    if not out:
+        raise UserError("--resume needs --out RUN_DIR: the run to continue")
+    given = [f"{section}.{name}" for section, values in overrides.items() for name in values]
+    refused = (["--config"] if config_file else []) + [flag(key.split(".")[1]) for key in given
+                                                       if key not in RESUME_MAY_SET]
+    if refused:
+        raise UserError(f"--resume continues '{out}' with the settings it started with ({Path(out) / CONFIG_FILE}): "
+                        f"drop {', '.join(refused)}, or start a new run (--overwrite replaces this one)")
+    return apply_overrides(config_for_resume(out), overrides)  # only settings of RESUME_MAY_SET are left
+
+
 def config_for_resume(out: str | Path) -> Config:
     """The saved config of the run in `out`, marked to resume."""
     out = Path(out)
-    cfg = distributed.from_main(_saved_config, out)
+    cfg = saved_config(out)
+    if cfg is None:
+        raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
     cfg.run.resume, cfg.run.out = True, str(out)
     return cfg
 
 
-def _saved_config(out: Path) -> Config:
-    if not (out / CONFIG_FILE).is_file():
-        raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
-    return load_yaml(out / CONFIG_FILE)
+def saved_config(run_dir: Path) -> Config | None:
+    """The config a run folder was made with, None if it holds none (read on rank 0, handed to every rank)."""
+    path = run_dir / CONFIG_FILE
+    return distributed.from_main(lambda: load_yaml(path) if path.is_file() else None)
 
 
 def prepare_run_dir(cfg: Config) -> Path:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
 from .config import Config, TrainConfig, compile_step, resolve_milestones
 from .data import BatchLoader, DataBundle
 from .errors import UserError
@@ -259,7 +259,7 @@ class Trainer:
     # ---- checkpointing -------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
-        return self.out_dir / "checkpoint.pt" if self.out_dir else None
+        return self.out_dir / rundir.CHECKPOINT_FILE if self.out_dir else None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -292,7 +292,7 @@ class Trainer:
         checkpoint.save_checkpoint(self.state_dict(), self.checkpoint_path)
         # metrics.jsonl is rewritten from the checkpointed history so the two never disagree
         checkpoint.atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history),
-                                     self.out_dir / "metrics.jsonl")
+                                     self.out_dir / rundir.METRICS_FILE)
 
     # ---- training ------------------------------------------------------------------------------
     def fit(self) -> dict:

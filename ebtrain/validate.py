@@ -4,51 +4,33 @@ and what is allowed, so a mistake costs seconds, never a traceback or a half-mad
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, check_allowed
 from .data import DataBundle
 from .earlybird import prunable_bns
 from .errors import UserError
 from .models import build_model, list_models
+from .tickets import ratio_name
 
 
 def validate(cfg: Config) -> None:
-    """Check settings before any work starts; raises UserError naming the bad value."""
+    """Check settings before any work starts; raises UserError naming the bad value.
+
+    Each setting's own bounds and choices are declared beside its field (config.py) and checked by
+    `config.check_allowed`; what is checked here is how settings fit together and with the disk."""
     if cfg.model.arch not in list_models():
         build_model(cfg.model.arch)  # raises the registry's own "unknown arch" message
-    ratios, milestones = cfg.search.ratios, cfg.train.milestones
+    check_allowed(cfg)
+    milestones = cfg.train.milestones
     checks = [
-        (len(ratios) > 0, "--ratios: give at least one pruning ratio in (0, 1)"),
-        (all(0 < r < 1 for r in ratios), f"--ratios {_values(ratios)}: each must lie in (0, 1)"),
-        (0 < cfg.search.eps < 1, f"--eps {cfg.search.eps}: must lie in (0, 1)"),
-        (0 <= cfg.search.min_keep < 1, f"--min-keep {cfg.search.min_keep}: must lie in [0, 1)"),
-        (cfg.search.queue_length >= 2, f"--queue-length {cfg.search.queue_length}: must be at least 2"),
-        (cfg.search.sparsity >= 0, f"--sparsity {cfg.search.sparsity}: must be 0 or more"),
-        (cfg.search.max_search_epochs >= 0, f"--max-search-epochs {cfg.search.max_search_epochs}: must be 0 or more"),
-        (2 <= cfg.search.bits <= 24, f"--bits {cfg.search.bits}: must lie between 2 and 24"),
-        (cfg.search.round_channels >= 0, f"--round-channels {cfg.search.round_channels}: must be 1 or more, or 0 "
-                                          "(auto)"),
         (cfg.search.precision == "fp32" or cfg.train.optimizer == "sgd",
          f"--precision {cfg.search.precision} rounds SGD's momentum: use --optimizer sgd"),
-        (cfg.train.epochs > 0, f"--epochs {cfg.train.epochs}: must be positive"),
-        (cfg.train.batch_size > 0, f"--batch-size {cfg.train.batch_size}: must be positive"),
-        (cfg.train.eval_batch_size > 0, f"--eval-batch-size {cfg.train.eval_batch_size}: must be positive"),
-        (0 < cfg.train.lr < math.inf, f"--lr {cfg.train.lr}: must be a positive number"),
-        (0 <= cfg.train.momentum < 1, f"--momentum {cfg.train.momentum}: must lie in [0, 1)"),
-        (0 <= cfg.train.weight_decay < math.inf, f"--weight-decay {cfg.train.weight_decay}: must be 0 or more"),
-        (0 < cfg.train.gamma < math.inf, f"--gamma {cfg.train.gamma}: must be a positive number"),
-        (cfg.model.width > 0, f"--width {cfg.model.width}: must be positive"),
         (all(0 < m < cfg.train.epochs and (m < 1 or float(m).is_integer()) for m in milestones),
          f"--milestones {_values(milestones)}: each must be a fraction in (0, 1) or a whole epoch inside the "
          f"{cfg.train.epochs}-epoch schedule"),
-        (cfg.data.train_subset >= 0, f"--train-subset {cfg.data.train_subset}: must be 0 (all) or positive"),
-        (cfg.data.val_size >= 0, f"--val-size {cfg.data.val_size}: must be 0 (none) or positive"),
-        (cfg.data.dataset != "synthetic" or cfg.data.num_classes >= 2,
-         f"--num-classes {cfg.data.num_classes}: a classifier needs at least 2 classes"),
     ]
     checks += [(Path(folder).is_dir() or not Path(folder).exists(), f"{flag} {folder}: is a file, not a folder")
                for flag, folder in (("--out", cfg.run.out), ("--runs-dir", cfg.run.runs_dir)) if folder]
@@ -86,7 +68,10 @@ def check_model(cfg: Config, data: DataBundle, early_bird: bool) -> None:
                             ) from None
 
 
-def check_ticket_names(names: list[str], ratios: list) -> None:
+def check_ticket_names(cfg: Config) -> None:
+    """Each ratio of the search gets a ticket file of its own (p30.pt for 0.3)."""
+    ratios = cfg.search.ratios
+    names = [ratio_name(r) for r in ratios]
     if len(set(names)) < len(names):
         raise UserError(f"--ratios {_values(ratios)}: each ratio once (ratios that round to the same percent share "
                         f"a ticket file: {', '.join(names)})")

@@ -3,8 +3,8 @@
     python scripts/bench_lowprec.py                       # digits, vgg11 at width 0.25, CPU, 3 epochs
     python scripts/bench_lowprec.py --dataset synthetic --image-size 32 --arch vgg16 --width 0.125
 
-Both searches run in this process on the same model, data, seed and epochs, through the pipeline's own
-`run_search` (L1 sparsity and detector included; eps is set so low that no ticket ends a search early).
+Both searches run in this process on the same model, data, seed and epochs, through ebtrain's own
+`search.run_search` (L1 sparsity and detector included; eps is set so low that no ticket ends a search early).
 The rounding is simulated in float32, so the ratio bfp/fp32 is the overhead of the simulation, not a
 speedup. An epoch's seconds are the Trainer's (training plus test evaluation); the first epoch of each
 search is left out of the median as warm-up. With --repeats N the two precisions alternate N times and
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from ebtrain.config import Config, apply_overrides  # noqa: E402
 from ebtrain.data import load_data  # noqa: E402
 from ebtrain.host_memory import retain_freed_memory  # noqa: E402
-from ebtrain.pipeline import run_search  # noqa: E402
+from ebtrain.search import run_search  # noqa: E402
 from ebtrain.train import resolve_device  # noqa: E402
 
 

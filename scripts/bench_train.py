@@ -48,7 +48,7 @@ from ebtrain.earlybird import channel_scores, draw_mask, prunable_bns  # noqa: E
 from ebtrain.flops import measure_cost  # noqa: E402
 from ebtrain.host_memory import retain_freed_memory  # noqa: E402
 from ebtrain.models import build_model  # noqa: E402
-from ebtrain.pipeline import dense_from_ticket, load_ticket, ratio_name  # noqa: E402
+from ebtrain.tickets import dense_from_ticket, load_ticket, ratio_name  # noqa: E402
 from ebtrain.prune import kept_channels, prune_channels, round_keep  # noqa: E402
 from ebtrain.train import Hook, Trainer, resolve_device  # noqa: E402
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from ebtrain import distributed
 from ebtrain.cli import build_parser, resolve_config
 from ebtrain.config import apply_overrides
-from ebtrain.pipeline import RESULT_FILE, eb_train
-from ebtrain.rundir import SUMMARY_FILE, prepare_run_dir
+from ebtrain.pipeline import eb_train
+from ebtrain.rundir import RESULT_FILE, SUMMARY_FILE, prepare_run_dir
 from ebtrain.train import Trainer
 
 trainers: list[Trainer] = []

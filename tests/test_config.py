@@ -3,9 +3,11 @@ from pathlib import Path
 import pytest
 
 from ebtrain.cli import build_parser, resolve_config
-from ebtrain.config import (Config, SECTIONS, apply_overrides, dump_yaml, fields_of, load_yaml,
-                            resolve_milestones)
+from ebtrain.config import (Config, DataConfig, SECTIONS, apply_overrides, check_allowed, dump_yaml, fields_of,
+                            load_yaml, resolve_milestones)
+from ebtrain.data import load_data
 from ebtrain.errors import UserError
+from ebtrain.validate import validate
 
 
 def parse(argv):
@@ -99,3 +101,37 @@ def test_the_small_conv_network_configs_follow_the_paper():
         assert (cfg.model.arch, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (arch, "adam", lr, 60)
         lot = cfg.lottery
         assert (lot.iterations, lot.conv_rate, lot.fc_rate, lot.output_rate) == (iterations, conv_rate, 0.2, 0.1)
+def test_defaults_are_within_every_declared_bound():
+    check_allowed(Config())
+    validate(Config())
+
+
+@pytest.mark.parametrize("section,name,value,message", [
+    ("search", "eps", 1.0, "--eps 1.0: must lie in (0, 1)"),
+    ("search", "ratios", [], "--ratios: give at least one value in (0, 1)"),
+    ("search", "bits", 1, "--bits 1: must lie in [2, 24]"),
+    ("train", "weight_decay", -1e-4, "--weight-decay -0.0001: must be 0 or more"),
+    ("model", "width", 0.0, "--width 0.0: must be a positive number"),
+    ("lottery", "fc_rate", 1.0, "--fc-rate 1.0: must lie in [0, 1), or -1"),
+    ("lottery", "seeds", 0, "--seeds 0: must be at least 1"),
+    ("data", "augment", "maybe", "--augment maybe: choose from auto, on, off"),
+])
+def test_a_setting_outside_its_declared_bounds_is_named_by_its_flag(section, name, value, message):
+    cfg = Config()
+    setattr(getattr(cfg, section), name, value)
+    for check in (check_allowed, validate):  # validate checks the declared bounds through check_allowed
+        with pytest.raises(UserError) as error:
+            check(cfg)
+        assert str(error.value) == message
+
+
+def test_special_values_outside_the_interval_are_allowed():
+    cfg = apply_overrides(Config(), {"lottery": {"conv_rate": -1, "fc_rate": 0.0, "output_rate": 0.5}})
+    check_allowed(cfg)
+
+
+def test_load_data_checks_the_bounds_of_its_section():
+    with pytest.raises(UserError, match="--synthetic-size 0: must be at least 1"):
+        load_data(DataConfig(dataset="synthetic", synthetic_size=0))
+    with pytest.raises(UserError, match="--val-size -1: must be 0 or more"):
+        load_data(DataConfig(dataset="synthetic", val_size=-1))

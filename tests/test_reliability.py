@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from ebtrain import checkpoint, data, train
+from ebtrain import checkpoint, cli, train
 from ebtrain.cli import main
 from ebtrain.config import load_yaml
 from ebtrain.errors import UserError
@@ -140,7 +140,7 @@ def test_out_of_memory_in_a_training_step_is_one_line_naming_the_batch_size(tmp_
 
 
 def test_out_of_memory_outside_training_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "load_data", out_of_memory)  # e.g. the data set does not fit on the GPU
+    monkeypatch.setattr(cli, "load_data", out_of_memory)  # e.g. the data set does not fit on the GPU
     assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == ("ebtrain: error: out of GPU memory (CUDA out of memory. Tried to allocate "
                                        "2.00 GiB): try a smaller --batch-size or --eval-batch-size, a smaller "

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ebtrain.cli import main
 from ebtrain.data import load_data
 from ebtrain.flops import baseline_cost, detector_ops, run_cost
-from ebtrain.pipeline import dense_only, eb_train, retrain_ticket
+from ebtrain.pipeline import dense_job, eb_train, retrain_ticket
 from ebtrain.report import summary_rows, ticket_agreement_rows
 from ebtrain.rundir import prepare_run_dir
 from ebtrain.train import resolve_device
@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
     retrain_ticket(cfg, eb / "tickets" / "p50.pt", eb / "retrain" / "p50-reinit", data, resolve_device("cpu"), "reinit")
     dense_cfg = tiny_config(root / "dense", train={"epochs": 2})
     dense = prepare_run_dir(dense_cfg)
-    dense_only(dense_cfg, dense, data)
+    dense_job(dense_cfg, dense, data)
     return eb, dense, summary
 
 
@@ -155,7 +155,8 @@ def test_report_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
 def test_ticket_agreement_counts_the_channels_two_searches_choose_alike(tmp_path, capsys):
     from ebtrain.earlybird import ChannelMask, Ticket
     from ebtrain.models import build_model
-    from ebtrain.pipeline import save_ticket
+    from ebtrain.rundir import ticket_file
+    from ebtrain.tickets import save_ticket
     model = build_model("vgg11", width=0.125, image_size=8)
     sizes = tuple(bn.num_features for _, bn in model.prunable_bns())
     keep_a = torch.ones(sum(sizes), dtype=torch.bool)
@@ -163,7 +164,7 @@ def test_ticket_agreement_counts_the_channels_two_searches_choose_alike(tmp_path
     keep_b = keep_a.clone()
     keep_b[:4] = ~keep_b[:4]  # four channels of the first layer decided the other way
     for run, keep, epoch in (("a", keep_a, 3), ("b", keep_b, 5)):
-        save_ticket(Ticket(0.5, epoch, ChannelMask(keep, sizes), []), model, tmp_path / run)
+        save_ticket(Ticket(0.5, epoch, ChannelMask(keep, sizes), []), model, ticket_file(tmp_path / run, 0.5))
     rows = ticket_agreement_rows(tmp_path / "a", tmp_path / "b")
     n = sum(sizes)
     both, either = int((keep_a & keep_b).sum()), int((keep_a | keep_b).sum())

@@ -12,7 +12,7 @@ import torch
 
 from ebtrain.earlybird import Ticket, channel_scores, draw_mask
 from ebtrain.models import build_model
-from ebtrain.pipeline import load_ticket, save_ticket
+from ebtrain.tickets import load_ticket, save_ticket
 
 from conftest import ROOT, TINY_FLAGS
 
@@ -104,8 +104,8 @@ def test_bench_train_writes_every_figure_on_a_cpu(tmp_path, capsys):
 def test_bench_train_takes_the_masks_of_given_tickets(tmp_path):
     bench = load_script("bench_train")
     model = build_model("vgg16", width=0.125)
-    save_ticket(Ticket(0.5, 3, draw_mask(channel_scores(model), 0.5), []), model, tmp_path)
-    ticket = load_ticket(tmp_path / "tickets" / "p50.pt")
+    ticket = load_ticket(save_ticket(Ticket(0.5, 3, draw_mask(channel_scores(model), 0.5), []), model,
+                                     tmp_path / "p50.pt"))
     bench.check_tickets([ticket], ["vgg16"])
     dense, masks, source = bench.ticket_masks("vgg16", build_model("vgg16"), argparse.Namespace(), [ticket])
     assert source == "ticket files" and dense.arch == model.arch

@@ -95,7 +95,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
 def test_compiled_step_trains_as_the_eager_step_does(tmp_path):
     # the whole step compiled (forward with loss, backward, the L1 hook and the optimizer) against eager;
     # 64 images: 2 steps of 32. The run without the hook shows that the hook acted inside the update.
-    from ebtrain.pipeline import L1Sparsity
+    from ebtrain.search import L1Sparsity
 
     def train(mode: str, strength: float) -> tuple[dict, dict]:
         cfg = tiny_config(tmp_path, data={"synthetic_size": 64}, train={"epochs": 1, "compile": mode})
@@ -112,7 +112,7 @@ def test_compiled_step_trains_as_the_eager_step_does(tmp_path):
 
 
 def test_compile_setting_resolves_by_device(tiny):
-    from ebtrain.config import compile_step, load_yaml, rounding_multiple
+    from ebtrain.config import compile_step, rounding_multiple
     assert [compile_step(tiny.train, d) for d in ("cpu", "cuda")] == [False, True]
     tiny.train.compile = "off"
     assert not compile_step(tiny.train, "cuda")

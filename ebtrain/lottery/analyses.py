@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..earlybird import channel_scores, draw_mask, jaccard, mask_distance
 from ..errors import UserError
 from ..models import build_model
-from ..pipeline import load_ticket
+from ..tickets import load_ticket
 from .masks import Masks
 from .pruning import ChannelPruning
 

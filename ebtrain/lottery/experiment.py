@@ -74,19 +74,13 @@ def check_config(cfg: Config, data: DataBundle) -> None:
     """Check the lottery settings against each other and the data; raises UserError naming the bad one."""
     L = cfg.lottery
     checks = [
-        (L.rounds >= 1, f"--rounds {L.rounds}: must be at least 1"),
-        (0 < L.rate < 1, f"--rate {L.rate}: must lie in (0, 1)"),
-        (L.iterations >= 1, f"--iterations {L.iterations}: must be positive"),
         (1 <= L.eval_every <= L.iterations, f"--eval-every {L.eval_every}: must lie in 1..--iterations"),
-        (L.seeds >= 1, f"--seeds {L.seeds}: must be at least 1"),
         (0 <= L.rewind_iter < L.iterations, f"--rewind-iter {L.rewind_iter}: must lie in 0..--iterations - 1"),
         (data.val is not None, "the lottery experiment stops early on a validation split: set --val-size N"),
         (not (L.structured and L.global_pruning), "--global-pruning is for weights; --structured channel masks "
                                                   "are drawn globally already"),
         (not L.eb_ticket or L.structured, "--eb-ticket compares channel masks: it needs --structured"),
     ]
-    checks += [(rate == -1 or 0 <= rate < 1, f"--{name.replace('_', '-')} {rate}: must lie in [0, 1), or -1")
-               for name, rate in (("conv_rate", L.conv_rate), ("fc_rate", L.fc_rate), ("output_rate", L.output_rate))]
     for ok, message in checks:
         if not ok:
             raise UserError(message)

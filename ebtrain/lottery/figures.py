@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..monitor import plt, save_figure
+from ..figures import plt, save_figure
 
 ARM_LABELS = {"ticket": "winning ticket", "reinit": "random reinit", "random-prune": "random pruning"}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ebtrain.errors import UserError
-from ebtrain.models import make_arch, register, scaled
+from ebtrain.models.registry import make_arch, register, scaled
 
 
 class _PlainNet(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ebtrain.errors import UserError
-from ebtrain.models import check_channels, init_weights, make_arch, register, scaled
+from ebtrain.models.registry import ChannelPlan, Cut, check_channels, init_weights, make_arch, register, scaled
 
 EXPANSION = 4
 STAGE_WIDTHS = (16, 32, 64)
@@ -130,6 +130,38 @@ class PreResNet(nn.Module):
     def prunable_bns(self) -> list[tuple[str, nn.BatchNorm2d]]:
         """Every BN: bn1s and the final bn through their channel selection, bn2/bn3 physically."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def channel_plan(self, indices: dict[str, torch.Tensor]) -> ChannelPlan:
+        """bn2 and bn3 are cut physically with the convs around them; bn1 and the final bn keep the residual
+        stream whole and narrow their channel selection instead."""
+        cfg: list = []
+        cuts: dict[str, Cut] = {}
+        masks: dict[str, torch.Tensor] = {}
+
+        def select(name: str, bn: str) -> torch.Tensor:
+            """Narrow channel selection `name` to the kept channels of `bn`; return which of the
+            channels it passed on so far it still passes on (the cut of the next layer's input)."""
+            selection: ChannelSelection = self.get_submodule(name)
+            keep = torch.zeros_like(selection.mask)
+            keep[indices[bn]] = True
+            still = keep[selection.index].nonzero().squeeze(1)
+            if len(still) == 0:
+                raise ValueError(f"keep mask removes every channel that {name} selects")
+            masks[f"{name}.mask"] = selection.mask & keep
+            return still
+
+        for name, block in self.named_modules():
+            if isinstance(block, Bottleneck):
+                inputs = select(f"{name}.select", f"{name}.bn1")
+                mid, out = indices[f"{name}.bn2"], indices[f"{name}.bn3"]
+                cuts[f"{name}.conv1"], cuts[f"{name}.bn2"] = (mid, inputs), (mid, None)
+                cuts[f"{name}.conv2"], cuts[f"{name}.bn3"] = (out, mid), (out, None)
+                cuts[f"{name}.conv3"] = (None, out)
+                cfg += [len(inputs), len(mid), len(out)]
+        inputs = select("select", "bn")
+        cuts["fc"] = (None, inputs)
+        cfg.append(len(inputs))
+        return ChannelPlan(cfg, cuts, masks)
 
 
 def _register(name: str, default_depth: int | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebtrain.models import check_channels, init_weights, make_arch, register, scaled
+from ebtrain.models.registry import ChannelPlan, Cut, check_channels, init_weights, make_arch, register, scaled
 
 
 class BasicBlock(nn.Module):
@@ -66,6 +66,18 @@ class ResNet(nn.Module):
     def prunable_bns(self) -> list[tuple[str, nn.BatchNorm2d]]:
         """The bn1 of every block, in network order."""
         return [(f"{name}.bn1", m.bn1) for name, m in self.named_modules() if isinstance(m, BasicBlock)]
+
+    def channel_plan(self, indices: dict[str, torch.Tensor]) -> ChannelPlan:
+        """Inside each block: conv1 and bn1 lose the channels bn1 drops, conv2 those inputs."""
+        cfg: list = []
+        cuts: dict[str, Cut] = {}
+        for name, block in self.named_modules():
+            if isinstance(block, BasicBlock):
+                kept = indices[f"{name}.bn1"]
+                cuts[f"{name}.conv1"], cuts[f"{name}.bn1"] = (kept, None), (kept, None)
+                cuts[f"{name}.conv2"] = (None, kept)
+                cfg.append(len(kept))
+        return ChannelPlan(cfg, cuts, {})
 
 
 def _register(name: str, stage_widths: tuple[int, ...], blocks_per_stage: int) -> None:

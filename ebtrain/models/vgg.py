@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ebtrain.errors import UserError
-from ebtrain.models import check_channels, init_weights, make_arch, register, scaled
+from ebtrain.models.registry import ChannelPlan, Cut, check_channels, init_weights, make_arch, register, scaled
 
 DEFAULT_CFGS: dict[str, list] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -51,6 +51,23 @@ class VGG(nn.Module):
     def prunable_bns(self) -> list[tuple[str, nn.BatchNorm2d]]:
         """Every BN: each one's channels can be cut from its conv and from the next conv."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def channel_plan(self, indices: dict[str, torch.Tensor]) -> ChannelPlan:
+        """Each conv loses the channels its BN drops, the next conv (or the classifier) those inputs."""
+        cfg: list = []
+        cuts: dict[str, Cut] = {}
+        previous = None  # the first conv reads the whole image
+        for i, layer in enumerate(self.features):
+            if isinstance(layer, nn.MaxPool2d):
+                cfg.append("M")
+            elif isinstance(layer, nn.Conv2d):
+                conv, bn = f"features.{i}", f"features.{i + 1}"  # every conv is followed by its BN
+                kept = indices[bn]
+                cuts[conv], cuts[bn] = (kept, previous), (kept, None)
+                cfg.append(len(kept))
+                previous = kept
+        cuts["classifier"] = (None, previous)
+        return ChannelPlan(cfg, cuts, {})
 
 
 def _check_cfg(cfg: list, name: str) -> list:

@@ -1,0 +1,74 @@
+"""The PNG figures of a run: the mask-distance matrix, channels kept per layer, accuracy against FLOPs.
+
+Figures are files, never windows: importing this module sets matplotlib's file-only backend, so import
+it (not matplotlib.pyplot) wherever a figure is made; it exports `plt` for that.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["acc_vs_flops_figure", "distance_matrix_figure", "kept_channels_figure", "plt", "save_figure"]
+
+
+def distance_matrix_figure(matrix: torch.Tensor, epochs: Sequence[int], ratio: float,
+                           eb_epoch: int | None) -> plt.Figure:
+    """The paper's figure: pairwise mask distances between epochs, the EB epoch marked."""
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    lo, hi = epochs[0], epochs[-1]
+    im = ax.imshow(matrix.numpy(), cmap="viridis_r", vmin=0, vmax=max(float(matrix.max()), 1e-6),
+                   extent=(lo - 0.5, hi + 0.5, hi + 0.5, lo - 0.5))
+    fig.colorbar(im, ax=ax, label="mask distance")
+    if eb_epoch is not None:
+        ax.axvline(eb_epoch, color="red", lw=1)
+        ax.axhline(eb_epoch, color="red", lw=1)
+        ax.set_title(f"p = {ratio:g}: EB ticket at epoch {eb_epoch}")
+    else:
+        ax.set_title(f"p = {ratio:g}: no ticket yet")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epoch")
+    fig.tight_layout()
+    return fig
+
+
+def kept_channels_figure(names: Sequence[str], dense: Sequence[int], kept: dict[float, Sequence[int]]) -> plt.Figure:
+    """Channels per prunable layer: the dense network and each ticket."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(names)), 3.5))
+    ax.plot(range(len(dense)), dense, "k-", label="dense")
+    for ratio, counts in kept.items():
+        ax.plot(range(len(counts)), counts, marker=".", label=f"p = {ratio:g}")
+    ax.set_xlabel("prunable layer")
+    ax.set_ylabel("channels")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def acc_vs_flops_figure(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], unit: str,
+                        scale: float) -> plt.Figure:
+    """Test accuracy against cumulative training FLOPs (shown in `unit`, FLOPs / `scale`), one line per
+    (label, FLOPs, accuracies) curve."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, flops, accs in curves:
+        ax.plot([f / scale for f in flops], [100 * a for a in accs], marker=".", label=label)
+    ax.set_xlabel(f"cumulative training {unit} (measured forward + backward)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save as PNG (written to a temporary name and renamed) and close."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)

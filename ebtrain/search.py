@@ -1,0 +1,158 @@
+"""The Early-Bird search: train the dense network with the L1 penalty on the BatchNorm weights, draw the
+masks after every epoch, save each ratio's ticket as it emerges, stop when all have.
+
+    result = run_search(cfg, run_dir, data, device)   # RUN/search/, RUN/tickets/pNN.pt, RUN/init.pt
+
+The phase is resumable: a finished search (RUN/search/result.json) is read back, an unfinished one
+continues from its checkpoint with the detector's history. Under torchrun every rank trains alike and
+rank 0 alone draws masks and writes tickets and figures.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, distributed, rundir
+from .config import Config
+from .data import DataBundle
+from .earlybird import EarlyBird, Ticket, prunable_bns
+from .flops import CostMeter, detector_ops, measure_cost
+from .figures import distance_matrix_figure, kept_channels_figure, save_figure
+from .quant import BFPTraining
+from .tickets import ratio_name, save_ticket
+from .train import Hook, Trainer, new_model
+
+
+class L1Sparsity(Hook):
+    """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs.
+
+    Under torchrun DDP has averaged the gradients over the ranks by the time backward returns, so the
+    penalty is added once, to the averaged gradient, and alike on every rank (the weights are the same).
+    """
+
+    def __init__(self, model: nn.Module, strength: float):
+        self.weights = [bn.weight for _, bn in prunable_bns(model)]
+        self.strength = strength
+
+    def after_backward(self, trainer: Trainer) -> None:
+        grads = [w.grad for w in self.weights]
+        torch._foreach_add_(grads, torch._foreach_sign([w.detach() for w in self.weights]), alpha=self.strength)
+
+
+class EarlyBirdHook(Hook):
+    """Runs the detector after every search epoch, saves each ticket as it emerges, stops when all have.
+
+    Under torchrun the detector draws its masks on rank 0, which alone saves tickets and figures, and
+    every rank's detector becomes a copy of rank 0's: one set of tickets, one decision to stop.
+    """
+
+    def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int):
+        self.detector = detector
+        self.run_dir = run_dir
+        self.max_epochs = max_epochs
+
+    def step(self, epoch: int) -> list[Ticket]:
+        """Draw the masks of epoch `epoch`: the tickets that emerged now (on rank 0; [] on the others)."""
+        tickets = self.detector.step(epoch) if distributed.is_main() else []
+        distributed.sync_from_main(self.detector)
+        return tickets
+
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        for ticket in self.step(epoch):
+            path = save_ticket(ticket, trainer.model, rundir.ticket_file(self.run_dir, ticket.ratio))
+            print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
+                  file=sys.stderr, flush=True)
+            self.draw(trainer, epoch, ticket.ratio)
+        for ratio in self.detector.ratios:
+            tag = f"eb/{ratio_name(ratio)}"
+            distance = self.detector.last_distance(ratio)
+            queue = self.detector.queue(ratio)
+            values = {}
+            if distance is not None:
+                values[f"{tag}/distance"] = distance
+                metrics[f"eb_{ratio_name(ratio)}_distance"] = distance
+            if queue:
+                values[f"{tag}/queue_max"] = max(queue)
+            trainer.monitor.scalars(epoch, values)
+        trainer.stop = self.should_stop(epoch)
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.detector.done or epoch >= self.max_epochs
+
+    def draw(self, trainer: Trainer, epoch: int, ratio: float) -> None:
+        """The epoch-by-epoch mask-distance matrix, to TensorBoard and as PNG in the search folder."""
+        ticket = self.detector.emerged.get(ratio)
+        fig = distance_matrix_figure(self.detector.distance_matrix(ratio), self.detector.epochs, ratio,
+                                     ticket.epoch if ticket else None)
+        trainer.monitor.figure(f"eb/{ratio_name(ratio)}/distance_matrix", fig, epoch)
+        save_figure(fig, rundir.distance_figure(self.run_dir, ratio))
+
+    def state_dict(self) -> dict:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(state)
+
+
+# ---- the phase --------------------------------------------------------------------------------
+def show_progress(cfg: Config) -> bool:
+    """Whether a phase draws progress bars (--progress auto: when stderr is a terminal)."""
+    return cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty())
+
+
+def cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
+    """Measures the model's FLOPs at the training batch size and meters them through a phase."""
+    return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
+
+
+def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:
+    """Train the dense network with the L1 penalty until every ratio's ticket has emerged."""
+    out_dir = rundir.search_dir(run_dir)
+    done = rundir.finished(out_dir)
+    if done is not None:
+        return done
+    model = new_model(cfg, data, cfg.train.seed)  # the baseline starts from the same weights
+    if distributed.is_main() and not (run_dir / rundir.INIT_FILE).exists():
+        checkpoint.atomic_save(model.state_dict(), run_dir / rundir.INIT_FILE)
+    s = cfg.search
+    detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
+                         min_keep=s.min_keep)
+    max_epochs = s.max_search_epochs or cfg.train.epochs
+    meter = cost_meter(model, cfg, data)  # before BFP hooks attach: FLOPs are counted at full precision
+    hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
+    if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
+        hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
+    eb_hook = EarlyBirdHook(detector, run_dir, max_epochs)
+    trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook, meter],
+                      end_epoch=min(max_epochs, cfg.train.epochs), progress=show_progress(cfg),
+                      tensorboard=cfg.run.tensorboard, name="search")
+    if trainer.resume():
+        trainer.stop = eb_hook.should_stop(trainer.epoch)  # killed after the last epoch's checkpoint
+    else:
+        eb_hook.step(0)  # the mask at initialization starts the distance matrix
+    result = trainer.fit()
+    channels = [bn.num_features for _, bn in prunable_bns(model)]
+    cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.ratios),
+                                                                  len(detector.epochs)),
+            # a bfp search's multiply-adds are 8-bit (or --bits) operations, not fp32 ones
+            "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
+    result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
+    result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
+                  tickets={ratio_name(r): str(rundir.ticket_file(Path(), r)) for r in detector.emerged})
+    if distributed.is_main():
+        for ratio in detector.ratios:
+            eb_hook.draw(trainer, trainer.epoch, ratio)
+        names = [name for name, _ in prunable_bns(model)]
+        kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
+        save_figure(kept_channels_figure(names, channels, kept), rundir.kept_channels_figure(run_dir))
+        if detector.pending:
+            last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
+                             for r in detector.pending)
+            print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
+                  "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
+        checkpoint.atomic_write_json(result, out_dir / rundir.RESULT_FILE)
+    trainer.monitor.close()
+    return result
