@@ -45,7 +45,8 @@ def tiny(tmp_path):
 @pytest.fixture
 def one_thread():
     # tensors in the lottery tests are tiny: OpenMP threads only add synchronization, and on a busy
-    # machine a lot of it
+    # machine a lot of it; the killed runs of the reliability tests compute with one thread, and so must
+    # the uninterrupted run they are compared with
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

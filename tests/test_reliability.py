@@ -75,15 +75,6 @@ def assert_same_weights(a, b) -> None:
         assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
 
 
-@pytest.fixture
-def one_thread():
-    """The killed runs compute with one thread; so does the uninterrupted one in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_main_job_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path, capsys, one_thread):
     straight = tmp_path / "straight"
     assert main([*MAIN_JOB, "--out", str(straight)]) == 0
