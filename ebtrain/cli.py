@@ -202,7 +202,8 @@ def _lottery(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .report import format_agreement, format_rows, plot_acc_vs_flops, run_rows, ticket_agreement_rows
+    from .report import (format_agreement, format_rows, plot_acc_vs_flops, plot_drawing_epochs, run_rows,
+                         ticket_agreement_rows)
     if args.tickets:
         if len(args.runs) != 2:
             raise UserError(f"report --tickets compares two runs, got {len(args.runs)}")
@@ -213,6 +214,9 @@ def _report(args: argparse.Namespace) -> None:
     if args.plot:
         plot_acc_vs_flops(args.runs, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
+    if args.draw_plot:
+        plot_drawing_epochs(args.runs, args.draw_plot)
+        print(f"plot: {args.draw_plot}", file=sys.stderr)
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -240,6 +244,8 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run directories")
     parser.add_argument("--format", default="text", choices=("text", "markdown", "csv", "json"))
     parser.add_argument("--plot", metavar="PATH", help="also write test accuracy against training FLOPs as a PNG")
+    parser.add_argument("--draw-plot", metavar="PATH", help="also write, for runs with --draw-epochs, retrained "
+                        "accuracy against the epoch each ticket was drawn at as a PNG, one panel per run")
     parser.add_argument("--tickets", action="store_true",
                         help="instead, compare the tickets of two runs: channels on which their masks agree, per ratio")
 

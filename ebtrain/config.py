@@ -145,6 +145,9 @@ class SearchConfig:
                                  "its dense size), keeping again its highest-scored pruned channels, so tensor "
                                  "cores stay efficient; the Early-Bird mask is unchanged (1: no rounding; 0: auto, "
                                  f"{GPU_ROUND_CHANNELS} when training on CUDA, 1 elsewhere)", within="[0, inf)")
+    draw_epochs: list = _field([], "also draw every ratio's ticket at each of these epochs of the search, whatever "
+                               "the detector says, and retrain it like an Early-Bird ticket (tickets pNN-eE): "
+                               "how good tickets drawn that early are; the search runs at least to the last one")
     baseline: bool = _field(False, "also train the dense network for the full schedule, for comparison")
 
 

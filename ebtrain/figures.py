@@ -65,6 +65,29 @@ def acc_vs_flops_figure(curves: Sequence[tuple[str, Sequence[float], Sequence[fl
     return fig
 
 
+def drawing_epochs_figure(panels: Sequence[dict]) -> plt.Figure:
+    """Test accuracy after retraining against the epoch each ticket was drawn at, one panel per run (e.g.
+    one per learning-rate schedule): a line per ratio, the detector's Early-Bird ticket as a star on its
+    ratio's colour, the dense network's accuracy as a dashed line. A panel is what
+    `report.drawing_epochs_panel` returns."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for i, (ratio, points) in enumerate(sorted(panel["lines"].items())):
+            color = f"C{i}"
+            ax.plot(*zip(*points), "o-", color=color, label=f"p = {ratio:g}")
+            if ratio in panel["eb"]:
+                ax.plot(*panel["eb"][ratio], "*", color=color, markersize=14, markeredgecolor="black",
+                        label=f"p = {ratio:g}: Early-Bird ticket")
+        if panel["dense"] is not None:
+            ax.axhline(panel["dense"], color="gray", linestyle="--", label="dense")
+        ax.set(title=panel["title"], xlabel="epoch the ticket was drawn at")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("test accuracy after retraining (%)")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: Path) -> None:
     """Save as PNG (written to a temporary name and renamed) and close."""
     path.parent.mkdir(parents=True, exist_ok=True)

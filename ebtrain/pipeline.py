@@ -24,9 +24,11 @@ from . import checkpoint, distributed, rundir
 from .config import Config, rounding_multiple
 from .data import DataBundle, load_data
 from .errors import UserError
+from .figures import drawing_epochs_figure, save_figure
 from .flops import run_cost, search_total
 from .models import build_model, count_params, save_model
 from .prune import prune_channels
+from .report import drawing_epochs_panel
 from .search import cost_meter, run_search, show_progress
 from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket
 from .train import Trainer, new_model, resolve_device, seed_everything
@@ -92,6 +94,7 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
+                  drawn=ticket.get("drawn", False),
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
                   round_channels=multiple, channels_rounded_added=ticket["channels_rounded_added"],
@@ -154,13 +157,29 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
             summary["tickets"][name] = retrain_ticket(cfg, run_dir / path,
                                                       rundir.retrain_dir(run_dir, ratio, cfg.search.init),
                                                       data, device, cfg.search.init)
+        summary["tickets"].update(_retrain_drawn(cfg, run_dir, search, data, device))
     if cfg.search.baseline:
         summary["baseline"] = train_baseline(cfg, rundir.baseline_dir(run_dir), data, device)
+    if search.get("drawn_tickets") and cfg.search.retrain and distributed.is_main():
+        save_figure(drawing_epochs_figure([drawing_epochs_panel(summary)]), rundir.drawing_epochs_figure(run_dir))
     summary["cost"] = run_cost(search["cost"], summary["tickets"],
                                summary.get("baseline", {}).get("cost"), cfg.train.epochs)
     summary["cost"]["search"]["flops_precision"] = search["cost"].get("flops_precision", "fp32")
     _save_summary(summary, run_dir)
     return summary
+
+
+def _retrain_drawn(cfg: Config, run_dir: Path, search: dict, data: DataBundle, device: torch.device) -> dict:
+    """Retrain the tickets drawn at fixed epochs (--draw-epochs), each from the weights of its epoch."""
+    results = {}
+    for epoch in sorted(int(e) for e in cfg.search.draw_epochs):
+        for ratio in cfg.search.ratios:
+            name = rundir.drawn_ticket_name(ratio, epoch)
+            if name in search.get("drawn_tickets", {}):
+                results[name] = retrain_ticket(cfg, rundir.drawn_ticket_file(run_dir, ratio, epoch),
+                                               rundir.retrain_dir(run_dir, ratio, cfg.search.init, epoch),
+                                               data, device, cfg.search.init)
+    return results
 
 
 def dense_job(cfg: Config, run_dir: Path, data: DataBundle | None = None, device: torch.device | None = None) -> dict:

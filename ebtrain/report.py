@@ -33,7 +33,8 @@ import torch
 from . import checkpoint, rundir
 from .earlybird import jaccard, mask_distance
 from .errors import UserError
-from .figures import acc_vs_flops_figure, save_figure
+from .config import resolve_milestones
+from .figures import acc_vs_flops_figure, drawing_epochs_figure, save_figure
 from .flops import baseline_cost, ticket_cost
 from .rundir import LOTTERY_FILE, SUMMARY_FILE
 from .tickets import load_ticket
@@ -85,15 +86,46 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
     if trained is not None:
         full = dense and {"flops": dense["flops"], "savings": 1.0, "savings_paper": 1.0}
         rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
-    tickets = {(t["init"], t["ratio"]): t for t in [*summary.get("tickets", {}).values(), *retrains]}
-    for (init, ratio), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
+    # a ticket drawn at a fixed epoch (--draw-epochs) is its own row beside the detector's of that ratio
+    tickets = {(t["init"], t["ratio"], t["eb_epoch"] if t.get("drawn") else -1): t
+               for t in [*summary.get("tickets", {}).values(), *retrains]}
+    for (init, ratio, drawn_at), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
         spent = ticket_cost(search_cost, t, dense) if search_cost and "cost" in t else None
-        row = _row(run, METHODS.get(init, f"EB {init}"), t, ratio=ratio, eb_epoch=t["eb_epoch"],
+        method = METHODS.get(init, f"EB {init}") + (" (drawn)" if drawn_at >= 0 else "")
+        row = _row(run, method, t, ratio=ratio, eb_epoch=t["eb_epoch"],
                    channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
                    search_epochs=search.get("epochs_trained"),
                    seconds=round(search.get("seconds", 0.0) + t["seconds"], 1), **_costs(spent))
         rows.append(row)
     return rows
+
+
+def drawing_epochs_panel(summary: dict, title: str = "") -> dict:
+    """What the drawing-epoch figure shows of one EB-Train run (`figures.drawing_epochs_figure`): per
+    ratio, the final test accuracy (%) of the tickets drawn at fixed epochs and retrained from their
+    weights, by drawing epoch; the detector's ticket (EB epoch, accuracy); the dense baseline's accuracy."""
+    lines, eb = {}, {}
+    for t in summary.get("tickets", {}).values():
+        if t["init"] == "eb" and t.get("drawn"):
+            lines.setdefault(t["ratio"], []).append((t["eb_epoch"], 100 * t["final_test_acc"]))
+        elif t["init"] == "eb":
+            eb[t["ratio"]] = (t["eb_epoch"], 100 * t["final_test_acc"])
+    dense = summary.get("baseline", {}).get("final_test_acc")
+    return {"title": title, "lines": {r: sorted(points) for r, points in lines.items()}, "eb": eb,
+            "dense": None if dense is None else 100 * dense}
+
+
+def plot_drawing_epochs(run_dirs: Sequence[str | Path], path: str | Path) -> None:
+    """The drawing-epoch figure of runs side by side, each panel titled by its run and learning-rate schedule."""
+    panels = []
+    for run in map(Path, run_dirs):
+        summary, cfg = read_summary(run), rundir.saved_config(run)
+        panel = drawing_epochs_panel(summary, f"{run.resolve().name}: lr {cfg.train.lr:g}, x{cfg.train.gamma:g} at "
+                                              f"epochs {resolve_milestones(cfg.train.milestones, cfg.train.epochs)}")
+        if not panel["lines"]:
+            raise UserError(f"'{run}' has no retrained tickets drawn at fixed epochs: run it with --draw-epochs")
+        panels.append(panel)
+    save_figure(drawing_epochs_figure(panels), Path(path))
 
 
 def lottery_rows(run_dir: str | Path) -> list[dict]:

@@ -44,9 +44,21 @@ def ticket_file(run_dir: Path, ratio: float) -> Path:
     return tickets_dir(run_dir) / f"{ratio_name(ratio)}.pt"
 
 
+def drawn_ticket_name(ratio: float, epoch: int) -> str:
+    """'p30-e10': the ticket of ratio 0.3 drawn at epoch 10 by --draw-epochs (not by the detector)."""
+    return f"{ratio_name(ratio)}-e{epoch}"
+
+
+def drawn_ticket_file(run_dir: Path, ratio: float, epoch: int) -> Path:
+    """RUN/tickets/p30-e10.pt."""
+    return tickets_dir(run_dir) / f"{drawn_ticket_name(ratio, epoch)}.pt"
+
+
 def ticket_files(run_dir: Path) -> dict[str, Path]:
-    """Every ticket file of a run by name ('p30'), in name order (not the pruned models `prune` writes there)."""
-    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt")) if re.fullmatch(r"p[0-9.e+-]+", p.stem)}
+    """Every Early-Bird ticket file of a run by name ('p30'), in name order (not the pruned models `prune`
+    writes there, nor the tickets drawn at fixed epochs)."""
+    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt"))
+            if re.fullmatch(r"p[0-9.]+(e-[0-9]+)?", p.stem)}
 
 
 def pruned_model_file(ticket: str | Path, ratio: float) -> Path:
@@ -59,9 +71,11 @@ def run_of_ticket(ticket: str | Path) -> Path:
     return Path(ticket).parent.parent
 
 
-def retrain_dir(run_dir: Path, ratio: float, init: str = "eb") -> Path:
-    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'."""
-    return run_dir / "retrain" / (ratio_name(ratio) if init == "eb" else f"{ratio_name(ratio)}-{init}")
+def retrain_dir(run_dir: Path, ratio: float, init: str = "eb", drawn_at: int | None = None) -> Path:
+    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit';
+    RUN/retrain/p30-e10 for the ticket drawn at epoch 10 (--draw-epochs)."""
+    name = ratio_name(ratio) if drawn_at is None else drawn_ticket_name(ratio, drawn_at)
+    return run_dir / "retrain" / (name if init == "eb" else f"{name}-{init}")
 
 
 def retrain_dirs(run_dir: Path) -> list[Path]:
@@ -79,6 +93,11 @@ def distance_figure(run_dir: Path, ratio: float) -> Path:
 
 def kept_channels_figure(run_dir: Path) -> Path:
     return search_dir(run_dir) / "kept_channels.png"
+
+
+def drawing_epochs_figure(run_dir: Path) -> Path:
+    """Retrained accuracy against the epoch each ticket was drawn at (--draw-epochs)."""
+    return run_dir / "draw_epochs.png"
 
 
 def phases(run_dir: Path) -> list[tuple[str, Path]]:

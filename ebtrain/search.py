@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ import torch.nn as nn
 from . import checkpoint, distributed, rundir
 from .config import Config
 from .data import DataBundle
-from .earlybird import EarlyBird, Ticket, prunable_bns
+from .earlybird import EarlyBird, Ticket, channel_scores, draw_mask, prunable_bns
 from .flops import CostMeter, detector_ops, measure_cost
 from .figures import distance_matrix_figure, kept_channels_figure, save_figure
 from .quant import BFPTraining
@@ -49,10 +50,11 @@ class EarlyBirdHook(Hook):
     every rank's detector becomes a copy of rank 0's: one set of tickets, one decision to stop.
     """
 
-    def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int):
+    def __init__(self, detector: EarlyBird, run_dir: Path, max_epochs: int, draw_epochs: Sequence[int] = ()):
         self.detector = detector
         self.run_dir = run_dir
         self.max_epochs = max_epochs
+        self.draw_epochs = sorted(int(e) for e in draw_epochs)
 
     def step(self, epoch: int) -> list[Ticket]:
         """Draw the masks of epoch `epoch`: the tickets that emerged now (on rank 0; [] on the others)."""
@@ -66,6 +68,8 @@ class EarlyBirdHook(Hook):
             print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
                   file=sys.stderr, flush=True)
             self.draw(trainer, epoch, ticket.ratio)
+        if epoch in self.draw_epochs and distributed.is_main():
+            self.draw_tickets(trainer.model, epoch)
         for ratio in self.detector.ratios:
             tag = f"eb/{ratio_name(ratio)}"
             distance = self.detector.last_distance(ratio)
@@ -80,7 +84,16 @@ class EarlyBirdHook(Hook):
         trainer.stop = self.should_stop(epoch)
 
     def should_stop(self, epoch: int) -> bool:
-        return self.detector.done or epoch >= self.max_epochs
+        drawn = not self.draw_epochs or epoch >= self.draw_epochs[-1]
+        return (self.detector.done and drawn) or epoch >= self.max_epochs
+
+    def draw_tickets(self, model: nn.Module, epoch: int) -> None:
+        """Save every ratio's ticket of epoch `epoch` (--draw-epochs): the mask the detector would draw now,
+        whether or not its ticket has emerged."""
+        scores = channel_scores(model)
+        for ratio in self.detector.ratios:
+            ticket = Ticket(ratio, epoch, draw_mask(scores, ratio, self.detector.min_keep), [])
+            save_ticket(ticket, model, rundir.drawn_ticket_file(self.run_dir, ratio, epoch), drawn=True)
 
     def draw(self, trainer: Trainer, epoch: int, ratio: float) -> None:
         """The epoch-by-epoch mask-distance matrix, to TensorBoard and as PNG in the search folder."""
@@ -125,7 +138,7 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
     if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
         hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
-    eb_hook = EarlyBirdHook(detector, run_dir, max_epochs)
+    eb_hook = EarlyBirdHook(detector, run_dir, max_epochs, s.draw_epochs)
     trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook, meter],
                       end_epoch=min(max_epochs, cfg.train.epochs), progress=show_progress(cfg),
                       tensorboard=cfg.run.tensorboard, name="search")
@@ -141,7 +154,9 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
             "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
     result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
     result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
-                  tickets={ratio_name(r): str(rundir.ticket_file(Path(), r)) for r in detector.emerged})
+                  tickets={ratio_name(r): str(rundir.ticket_file(Path(), r)) for r in detector.emerged},
+                  drawn_tickets={rundir.drawn_ticket_name(r, e): str(rundir.drawn_ticket_file(Path(), r, e))
+                                 for e in eb_hook.draw_epochs if e <= trainer.epoch for r in detector.ratios})
     if distributed.is_main():
         for ratio in detector.ratios:
             eb_hook.draw(trainer, trainer.epoch, ratio)

@@ -8,6 +8,8 @@ A ticket file (RUN/tickets/pNN.pt, see rundir.py for where) is a dict:
     kept_channels, dense_channels, kept_back   channels kept and in the dense network per layer; how many
                     channels the keep-one-per-layer rule kept back
     distances       the detector's last mask distances
+    drawn           True for a ticket drawn at a fixed epoch (--draw-epochs), not by the detector (absent
+                    in ticket files written before it existed: False)
     arch            the dense network's `model.arch` (build_model(**arch) rebuilds it)
     state_dict      the dense network's weights at the EB epoch
 """
@@ -31,14 +33,15 @@ def ratio_name(ratio: float) -> str:
     return f"p{ratio * 100:g}"
 
 
-def save_ticket(ticket: Ticket, model: nn.Module, path: Path) -> Path:
-    """Write a ticket file: ratio, EB epoch, mask per layer, channels kept, and the weights of `model` now."""
+def save_ticket(ticket: Ticket, model: nn.Module, path: Path, drawn: bool = False) -> Path:
+    """Write a ticket file: ratio, EB epoch, mask per layer, channels kept, and the weights of `model` now;
+    `drawn`: the ticket was drawn at a fixed epoch rather than by the detector."""
     names = [name for name, _ in prunable_bns(model)]
     checkpoint.atomic_save({
         "kind": TICKET_KIND, "ratio": ticket.ratio, "epoch": ticket.epoch, "layers": names,
         "keep": ticket.mask.per_layer(), "kept_channels": ticket.mask.kept_per_layer(),
         "dense_channels": list(ticket.mask.sizes), "kept_back": ticket.mask.kept_back,
-        "distances": ticket.distances, "arch": model.arch,
+        "distances": ticket.distances, "arch": model.arch, "drawn": drawn,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }, path)
     return path

@@ -24,13 +24,19 @@ def validate(cfg: Config) -> None:
     if cfg.model.arch not in list_models():
         build_model(cfg.model.arch)  # raises the registry's own "unknown arch" message
     check_allowed(cfg)
-    milestones = cfg.train.milestones
+    milestones, draws, epochs = cfg.train.milestones, cfg.search.draw_epochs, cfg.train.epochs
     checks = [
         (cfg.search.precision == "fp32" or cfg.train.optimizer == "sgd",
          f"--precision {cfg.search.precision} rounds SGD's momentum: use --optimizer sgd"),
         (all(0 < m < cfg.train.epochs and (m < 1 or float(m).is_integer()) for m in milestones),
          f"--milestones {_values(milestones)}: each must be a fraction in (0, 1) or a whole epoch inside the "
          f"{cfg.train.epochs}-epoch schedule"),
+        (all(float(e).is_integer() and 1 <= e < epochs for e in draws),
+         f"--draw-epochs {_values(draws)}: each must be a whole epoch from 1 to {epochs - 1}, so that some of "
+         f"the {epochs}-epoch schedule is left to retrain its tickets"),
+        (not draws or not cfg.search.max_search_epochs or max(draws) <= cfg.search.max_search_epochs,
+         f"--draw-epochs {_values(draws)}: the search stops at --max-search-epochs "
+         f"{cfg.search.max_search_epochs}, before the last of them"),
     ]
     checks += [(Path(folder).is_dir() or not Path(folder).exists(), f"{flag} {folder}: is a file, not a folder")
                for flag, folder in (("--out", cfg.run.out), ("--runs-dir", cfg.run.runs_dir)) if folder]

@@ -47,3 +47,40 @@ def test_search_min_keep_reaches_the_ticket(tmp_path):
     kept = [int(k.sum()) for k in ticket["keep"]]
     # a 0.9 global ranking keeps a tenth of the channels; the floor keeps half of every layer
     assert all(k >= (len(layer) + 1) // 2 for k, layer in zip(kept, ticket["keep"]))
+
+
+def test_tickets_drawn_at_fixed_epochs_are_retrained_and_plotted(tmp_path, capsys):
+    from ebtrain.cli import main
+    from ebtrain.earlybird import channel_scores, draw_mask
+    from ebtrain.tickets import dense_from_ticket
+
+    # the detector's ticket emerges at epoch 2 (eps 0.9, queue 2); the search goes on to draw at epoch 3
+    cfg = tiny_config(tmp_path, train={"epochs": 5},
+                      search={"ratios": [0.5], "eps": 0.9, "queue_length": 2, "draw_epochs": [1, 3], "baseline": True})
+    run = prepare_run_dir(cfg)
+    summary = eb_train(cfg, run)
+    assert summary["search"]["epochs_trained"] == 3 and summary["tickets"]["p50"]["eb_epoch"] == 2
+    for epoch in (1, 3):
+        ticket = checkpoint.load(run / "tickets" / f"p50-e{epoch}.pt")
+        assert ticket["epoch"] == epoch and ticket["drawn"]
+        # the mask the detector's rule draws from the weights of that epoch, saved with them
+        mask = draw_mask(channel_scores(dense_from_ticket(ticket)), 0.5).per_layer()
+        assert all(torch.equal(a, b) for a, b in zip(mask, ticket["keep"]))
+        retrained = summary["tickets"][f"p50-e{epoch}"]
+        assert retrained["drawn"] and retrained["first_epoch"] == epoch + 1 and retrained["last_epoch"] == 5
+        assert (run / "retrain" / f"p50-e{epoch}" / "result.json").is_file()
+    assert not summary["tickets"]["p50"]["drawn"] and (run / "draw_epochs.png").stat().st_size > 0
+    # report: a row per drawn ticket, and the figure of two runs side by side
+    assert main(["report", str(run), "--format", "json", "--draw-plot", str(tmp_path / "draw.png")]) == 0
+    import json
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["eb_epoch"]) for r in rows] == [
+        ("dense", None), ("EB-Train", 2), ("EB-Train (drawn)", 1), ("EB-Train (drawn)", 3)]
+    assert (tmp_path / "draw.png").stat().st_size > 0
+
+
+def test_draw_epochs_must_leave_epochs_to_retrain(tmp_path, capsys):
+    from ebtrain.cli import main
+    from conftest import TINY_FLAGS
+    assert main(["search", *TINY_FLAGS, "--epochs", "4", "--draw-epochs", "2", "4", "--out", str(tmp_path / "r")]) == 2
+    assert "--draw-epochs 2 4: each must be a whole epoch from 1 to 3" in capsys.readouterr().err
