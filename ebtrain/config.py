@@ -102,6 +102,10 @@ class TrainConfig:
     milestones: list = _field([0.5, 0.75], "epochs at which the learning rate is multiplied by gamma; "
                               "values below 1 are fractions of the epochs")
     gamma: float = _field(0.1, "learning-rate decay factor at each milestone", within="(0, inf)")
+    warmup_iter: int = _field(0, "linear learning-rate warmup over the first N training steps: at step t (0-based; "
+                              "counted from the start of the schedule, in the lottery from the start of each "
+                              "training) the rate is the schedule's times min(1, (t + 1) / N) (0: no warmup)",
+                              within="[0, inf)")
     seed: int = _field(1, "random seed for initialization and data order")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     compile: str = _field("auto", "compile the training step (forward with the loss, backward, the update with its "

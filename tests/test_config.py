@@ -112,6 +112,7 @@ def test_defaults_are_within_every_declared_bound():
     ("search", "bits", 1, "--bits 1: must lie in [2, 24]"),
     ("train", "weight_decay", -1e-4, "--weight-decay -0.0001: must be 0 or more"),
     ("model", "width", 0.0, "--width 0.0: must be a positive number"),
+    ("train", "warmup_iter", -1, "--warmup-iter -1: must be 0 or more"),
     ("lottery", "fc_rate", 1.0, "--fc-rate 1.0: must lie in [0, 1), or -1"),
     ("lottery", "seeds", 0, "--seeds 0: must be at least 1"),
     ("data", "augment", "maybe", "--augment maybe: choose from auto, on, off"),
