@@ -163,8 +163,10 @@ class LotteryConfig:
                             within="[0, 1)", also=(-1,))
     output_rate: float = _field(-1.0, "per-round pruning rate of the output layer (-1: half the fc rate)",
                                 within="[0, 1)", also=(-1,))
-    global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold) "
-                                  "instead of pruning each layer at its own rate")
+    global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold, "
+                                  "--rate of the remaining weights per round) instead of pruning each layer at its "
+                                  "own rate; a layer whose rate is 0 (e.g. --output-rate 0) is left out of the "
+                                  "ranking and keeps all its weights")
     one_shot: bool = _field(False, "prune the trained dense network straight to each round's sparsity instead "
                             "of pruning the previous round's ticket")
     rewind_iter: int = _field(0, "reset kept weights to their values at this iteration of the dense training "
