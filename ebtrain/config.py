@@ -102,6 +102,10 @@ class TrainConfig:
     milestones: list = _field([0.5, 0.75], "epochs at which the learning rate is multiplied by gamma; "
                               "values below 1 are fractions of the epochs")
     gamma: float = _field(0.1, "learning-rate decay factor at each milestone", within="(0, inf)")
+    warmup_iter: int = _field(0, "linear learning-rate warmup over the first N training steps: at step t (0-based; "
+                              "counted from the start of the schedule, in the lottery from the start of each "
+                              "training) the rate is the schedule's times min(1, (t + 1) / N) (0: no warmup)",
+                              within="[0, inf)")
     seed: int = _field(1, "random seed for initialization and data order")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     compile: str = _field("auto", "compile the training step (forward with the loss, backward, the update with its "
@@ -162,8 +166,10 @@ class LotteryConfig:
                             within="[0, 1)", also=(-1,))
     output_rate: float = _field(-1.0, "per-round pruning rate of the output layer (-1: half the fc rate)",
                                 within="[0, 1)", also=(-1,))
-    global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold) "
-                                  "instead of pruning each layer at its own rate")
+    global_pruning: bool = _field(False, "rank the weights of all layers together (one magnitude threshold, "
+                                  "--rate of the remaining weights per round) instead of pruning each layer at its "
+                                  "own rate; a layer whose rate is 0 (e.g. --output-rate 0) is left out of the "
+                                  "ranking and keeps all its weights")
     one_shot: bool = _field(False, "prune the trained dense network straight to each round's sparsity instead "
                             "of pruning the previous round's ticket")
     rewind_iter: int = _field(0, "reset kept weights to their values at this iteration of the dense training "

@@ -93,6 +93,14 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** passed
 
 
+def warmup_factor(warmup_iter: int, step: int) -> float:
+    """The warmup's factor on the scheduled learning rate at global step `step` (0-based): (step + 1) / warmup_iter
+    over the first `warmup_iter` steps, so the rate rises linearly from lr / warmup_iter to lr, then 1; always 1
+    with warmup_iter 0. The Trainer counts steps from the start of the schedule (epoch * steps per epoch + the
+    step within the epoch), the lottery's trainings from the start of each training."""
+    return min(1.0, (step + 1) / warmup_iter) if warmup_iter > 0 else 1.0
+
+
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
     """SGD with momentum or Adam, with weight decay, over `params`. `fused`: one elementwise kernel per
     step (the Trainer asks for it on CUDA; the lottery's stacked networks everywhere, where each stacked
@@ -239,6 +247,7 @@ class Trainer:
         self.name = name
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg,
                                         fused=device.type == "cuda")
+        self._lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if self.compiled else None  # see _set_lr
         self.history: list[dict] = []
         self.steps = 0
         self.seconds = 0.0
@@ -310,11 +319,20 @@ class Trainer:
         self.monitor.flush()
         return self.result()
 
+    def _set_lr(self, value: float) -> None:
+        """Set every param group's learning rate: a float for the eager step; for the compiled one the tensor `_lr`,
+        filled in place, so a rate that changes every step (warmup) or at a milestone does not compile the step
+        again. Whatever a checkpoint's param groups held (older ones: floats) is replaced."""
+        if self._lr is not None:
+            self._lr.fill_(value)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value if self._lr is None else self._lr
+
     def _train_epoch(self) -> None:
         e = self.epoch
-        lr = learning_rate(self.cfg, e)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scheduled = learning_rate(self.cfg, e)
+        first_step = e * len(self.train_loader)  # global steps before this epoch, for the warmup
+        lr = None  # the rate set last; with warmup it changes every step, so the epoch reports its last step's
         started = time.perf_counter()
         self.step_model.train()
         self.train_loader.set_epoch(e)
@@ -326,6 +344,10 @@ class Trainer:
         for step, (x, y) in enumerate(bar, 1):
             if self.compiled and self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+            rate = scheduled * warmup_factor(self.cfg.warmup_iter, first_step + step - 1)
+            if rate != lr:
+                self._set_lr(rate)
+                lr = rate
             shape = tuple(x.shape)
             loss, step_correct = self._first_calls.call(shape, self._forward, x, y)
             # accumulate on the device: no host synchronization inside the step

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from ebtrain.cli import build_parser, resolve_config
 from ebtrain.config import (Config, DataConfig, SECTIONS, apply_overrides, check_allowed, dump_yaml, fields_of,
@@ -101,6 +102,38 @@ def test_the_small_conv_network_configs_follow_the_paper():
         assert (cfg.model.arch, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (arch, "adam", lr, 60)
         lot = cfg.lottery
         assert (lot.iterations, lot.conv_rate, lot.fc_rate, lot.output_rate) == (iterations, conv_rate, 0.2, 0.1)
+# Frankle & Carbin (ICLR 2019), Figure 2 and the appendix, the warmup recipes of the deep networks: SGD's rate,
+# momentum 0.9, batch, iterations, the milestones (rate / 10) and warmup in iterations; 20% of the conv weights
+# per round, globally, the output layer not pruned. Their "Resnet-18" is the CIFAR ResNet ebtrain calls resnet20.
+PAPER_DEEP_NETS = {"vgg19": ("vgg19", 0.1, 64, 112_000, [56_000, 84_000], 10_000),
+                   "resnet18": ("resnet20", 0.03, 128, 30_000, [20_000, 25_000], 20_000)}
+
+
+@pytest.mark.parametrize("name", PAPER_DEEP_NETS)
+def test_the_deep_network_configs_follow_the_papers_warmup_recipes(name):
+    from ebtrain.lottery.masks import prunable_weights
+    from ebtrain.models import build_model
+    arch, lr, batch, iterations, milestones, warmup = PAPER_DEEP_NETS[name]
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / f"{name}_cifar10.yaml")
+    t, lot = cfg.train, cfg.lottery
+    assert (cfg.model.arch, t.optimizer, t.lr, t.momentum, t.batch_size, t.gamma) == (arch, "sgd", lr, 0.9, batch, 0.1)
+    assert (lot.iterations, t.warmup_iter, resolve_milestones(t.milestones, lot.iterations)) == \
+        (iterations, warmup, milestones)
+    assert (lot.global_pruning, lot.rate, lot.conv_rate, lot.output_rate) == (True, 0.2, 0.2, 0.0)
+    assert cfg.data.dataset == "cifar10" and cfg.data.val_size > 0
+    kinds = prunable_weights(build_model(arch))
+    assert set(kinds.values()) == {"conv", "output"}  # no hidden fully connected layer: conv pruned, output not
+
+
+def test_the_papers_resnet18_is_resnet20():
+    # 16, 3x[16, 16], 3x[32, 32], 3x[64, 64], average pool, fully connected: 270K conv weights
+    from ebtrain.models import build_model
+    model = build_model("resnet20")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [c.out_channels for c in convs] == [16] + [16] * 6 + [32] * 6 + [64] * 6
+    assert round(sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)), -4) == 270_000
+
+
 def test_defaults_are_within_every_declared_bound():
     check_allowed(Config())
     validate(Config())
@@ -112,6 +145,7 @@ def test_defaults_are_within_every_declared_bound():
     ("search", "bits", 1, "--bits 1: must lie in [2, 24]"),
     ("train", "weight_decay", -1e-4, "--weight-decay -0.0001: must be 0 or more"),
     ("model", "width", 0.0, "--width 0.0: must be a positive number"),
+    ("train", "warmup_iter", -1, "--warmup-iter -1: must be 0 or more"),
     ("lottery", "fc_rate", 1.0, "--fc-rate 1.0: must lie in [0, 1), or -1"),
     ("lottery", "seeds", 0, "--seeds 0: must be at least 1"),
     ("data", "augment", "maybe", "--augment maybe: choose from auto, on, off"),

@@ -10,6 +10,7 @@ from ebtrain.cli import main
 from ebtrain.config import LotteryConfig
 from ebtrain.data import load_data
 from ebtrain.earlybird import channel_scores, draw_mask
+from ebtrain.errors import UserError
 from ebtrain.lottery import run_lottery
 from ebtrain.lottery.analyses import eb_overlap, expected_jaccard, mask_overlap
 from ebtrain.lottery.experiment import _members, initial_state
@@ -71,6 +72,26 @@ def test_global_pruning_hits_the_global_target():
         assert sum(int(m.sum()) for m in masks.values()) == round(total * 0.8 ** k)
     densities = {n: float(m.float().mean()) for n, m in masks.items()}
     assert densities["layers.5.weight"] == 1.0 and densities["layers.1.weight"] < 0.8 ** 4
+
+
+def test_global_pruning_ranks_only_the_layers_it_prunes():
+    # the paper's VGG-19 recipe: 20% of the conv weights per round, globally; the output layer (rate 0) keeps all,
+    # even with the smallest weights of the network, which one ranking over every layer would take first
+    model = build_model("vgg11", width=0.125)
+    kinds = prunable_weights(model)
+    [output] = [n for n, kind in kinds.items() if kind == "output"]
+    pruning = WeightPruning(model, LotteryConfig(rate=0.2, global_pruning=True, output_rate=0.0))
+    state = random_state(model, torch.Generator().manual_seed(0))
+    state[output] = state[output] * 1e-6
+    masks = pruning.dense()
+    conv_total = sum(masks[n].numel() for n, kind in kinds.items() if kind == "conv")
+    for k in (1, 2):
+        masks = pruning.prune(state, masks, k)
+        assert masks[output].all()
+        assert sum(int(masks[n].sum()) for n, kind in kinds.items() if kind == "conv") == round(conv_total * 0.8 ** k)
+    assert len({round(float(m.float().mean()), 2) for n, m in masks.items() if n != output}) > 1  # not layer-wise
+    with pytest.raises(UserError, match="nothing would be pruned"):
+        WeightPruning(model, LotteryConfig(rate=0.2, global_pruning=True, conv_rate=0.0, output_rate=0.0))
 
 
 def test_mask_overlap_of_random_masks_is_the_expected_jaccard():

@@ -156,3 +156,16 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_lottery_training_warms_up_iteration_by_iteration(tmp_path, monkeypatch):
+    # --warmup-iter 4 and a milestone at iteration 6: the rate of every iteration, as the optimizer steps with it
+    from ebtrain.lottery import population
+    cfg = lottery_config(tmp_path, train={"optimizer": "sgd", "lr": 0.04, "warmup_iter": 4, "milestones": [6]})
+    data = load_data(cfg.data, seed=1)
+    rates, step = [], population.train_step
+    monkeypatch.setattr(population, "train_step",
+                        lambda pop, opt, x, y: (rates.append(opt.param_groups[0]["lr"]), step(pop, opt, x, y)))
+    train_members(lambda: build_model("lenet300_100", in_channels=1, image_size=8, width=0.25), lenet_members(2),
+                  data, cfg.train, torch.device("cpu"), iterations=8, eval_every=8)
+    assert rates == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.04, 0.04, 0.004, 0.004])

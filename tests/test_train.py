@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ebtrain.data import BatchLoader, load_data
-from ebtrain.train import Trainer, evaluate, evaluation_sums, learning_rate, new_model
+from ebtrain.train import Hook, Trainer, evaluate, evaluation_sums, learning_rate, new_model, warmup_factor
 
 from conftest import tiny_config
 
@@ -22,6 +22,48 @@ def test_learning_rate_follows_global_milestones(tiny):
     cfg.epochs, cfg.milestones, cfg.lr = 40, [0.5, 0.75], 0.1
     assert [learning_rate(cfg, e) for e in (0, 19, 20, 29, 30, 39)] == \
         [0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1, 0.1 * 0.1 * 0.1, 0.1 * 0.1 * 0.1]
+
+
+def test_warmup_rises_linearly_over_its_steps_then_holds():
+    assert [warmup_factor(4, t) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == warmup_factor(1, 0) == 1.0
+
+
+class RecordRates(Hook):
+    """The learning rate every step trains with."""
+
+    def __init__(self):
+        self.rates = []
+
+    def after_backward(self, trainer):
+        self.rates.append(float(trainer.optimizer.param_groups[0]["lr"]))
+
+
+def test_trainer_warms_up_step_by_step_counting_steps_from_the_start_of_the_schedule(tmp_path):
+    # 256 images at batch 32: 8 steps an epoch; --warmup-iter 12 reaches lr 0.05 in epoch 2, a milestone at epoch 2
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "warmup_iter": 12, "milestones": [2]})
+    record = RecordRates()
+    trainer = make_trainer(cfg, None, hooks=[record])
+    trainer.fit()
+    warm = [0.05 * min(1, (t + 1) / 12) for t in range(16)]
+    assert record.rates == pytest.approx(warm + [0.005] * 8)
+    assert [m["lr"] for m in trainer.history] == pytest.approx([0.05 * 8 / 12, 0.05, 0.005])  # each epoch's last step
+    # a phase that starts at epoch 1 (a retrain) is at global step 8 of the warmup
+    record = RecordRates()
+    make_trainer(cfg, None, end_epoch=2, start_epoch=1, hooks=[record]).fit()
+    assert record.rates == pytest.approx(warm[8:])
+
+
+def test_the_compiled_update_takes_the_rate_as_a_tensor_from_any_checkpoint(tmp_path):
+    # a checkpoint holds the rate as the run that wrote it did: a float (eager, or older ebtrain) or a tensor
+    for mode, old in (("on", 0.1), ("on", torch.tensor(0.1)), ("off", torch.tensor(0.1)), ("off", 0.1)):
+        trainer = make_trainer(tiny_config(tmp_path, train={"compile": mode}), None)  # compiles only when called
+        state = trainer.optimizer.state_dict()
+        state["param_groups"][0]["lr"] = old
+        trainer.optimizer.load_state_dict(state)
+        trainer._set_lr(0.02)
+        rate = trainer.optimizer.param_groups[0]["lr"]
+        assert isinstance(rate, torch.Tensor) == (mode == "on") and float(rate) == pytest.approx(0.02)
 
 
 def test_evaluation_sums_keep_one_sum_per_network_that_sees_the_batch(tiny):
@@ -61,8 +103,9 @@ def test_tensorboard_events_parse_with_expected_tags(tmp_path):
     assert [e.step for e in acc.Scalars("test/acc")] == [1, 2]
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    cfg = tiny_config(tmp_path, train={"epochs": 2})
+@pytest.mark.parametrize("warmup", [0, 12])  # 12: the warmup goes on into the resumed epoch
+def test_resume_gives_identical_weights(tmp_path, warmup):
+    cfg = tiny_config(tmp_path, train={"epochs": 2, "warmup_iter": warmup})
     straight = make_trainer(cfg, tmp_path / "straight")
     straight.fit()
     # one epoch, then the process "dies" right after its checkpoint; a new trainer resumes
@@ -94,16 +137,24 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
 
 def test_compiled_step_trains_as_the_eager_step_does(tmp_path):
     # the whole step compiled (forward with loss, backward, the L1 hook and the optimizer) against eager;
-    # 64 images: 2 steps of 32. The run without the hook shows that the hook acted inside the update.
+    # 64 images: 2 steps of 32 an epoch, 2 epochs. The run without the hook shows that the hook acted inside the
+    # update. The rate changes at every step (a warmup of 3 steps, then a milestone at epoch 1): the compiled
+    # update takes it as a tensor, so a new rate does not compile it again.
     from ebtrain.search import L1Sparsity
 
     def train(mode: str, strength: float) -> tuple[dict, dict]:
-        cfg = tiny_config(tmp_path, data={"synthetic_size": 64}, train={"epochs": 1, "compile": mode})
+        cfg = tiny_config(tmp_path, data={"synthetic_size": 64},
+                          train={"epochs": 2, "compile": mode, "warmup_iter": 3, "milestones": [1]})
         trainer = make_trainer(cfg, None)
         trainer.hooks.append(L1Sparsity(trainer.model, strength))
         return trainer.fit(), trainer.model.state_dict()
 
-    (eager, eager_weights), (compiled, compiled_weights) = train("off", 1.0), train("on", 1.0)
+    torch._dynamo.reset()  # the compiled functions of other tests' trainers would recompile for this one
+    eager, eager_weights = train("off", 1.0)
+    # one compilation of each function, and one again once the optimizer has state (momentum); a rate as a float
+    # would compile again for every new value
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled, compiled_weights = train("on", 1.0)
     assert (eager["compiled"], compiled["compiled"]) == (False, True) and compiled["compile_seconds"] > 0
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)

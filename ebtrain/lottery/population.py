@@ -30,7 +30,7 @@ from torch.func import functional_call, vmap
 from ..config import TrainConfig
 from ..data import BatchLoader, DataBundle
 from ..errors import UserError
-from ..train import evaluation_sums, learning_rate, make_optimizer
+from ..train import evaluation_sums, learning_rate, make_optimizer, warmup_factor
 from .masks import Masks, apply_masks
 from .sparse import SPARSE_BELOW, BlockSparse, block_sparse_linear
 
@@ -217,7 +217,8 @@ def train_population(pop: Population, members: list[Member], data: DataBundle, c
     eval_batch = max(1, cfg.eval_batch_size // pop.size)
     val = BatchLoader(data.val, eval_batch, **norm)
     optimizer = make_optimizer(list(pop.params.values()), cfg, fused=True)
-    schedule = dataclasses.replace(cfg, epochs=iterations)  # milestones below 1: fractions of the iterations
+    # milestones and the warmup count iterations (milestones below 1: fractions of them)
+    schedule = dataclasses.replace(cfg, epochs=iterations)
     best_loss = torch.full((pop.size,), math.inf, device=device)
     best_iter = torch.zeros(pop.size, dtype=torch.long)
     best = pop.snapshot()
@@ -227,7 +228,7 @@ def train_population(pop: Population, members: list[Member], data: DataBundle, c
     pop.model.train()
     for it in range(1, iterations + 1):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule, it - 1)
+            group["lr"] = learning_rate(schedule, it - 1) * warmup_factor(cfg.warmup_iter, it - 1)
         batches = {s: next(stream) for s, stream in streams.items()}
         x = torch.stack([batches[m.seed][0] for m in members])
         y = torch.stack([batches[m.seed][1] for m in members])

@@ -19,7 +19,8 @@ from .masks import Masks, magnitude_masks, mask_density, prunable_weights
 
 
 class WeightPruning:
-    """Unstructured magnitude pruning of every conv and linear weight, layer-wise or global.
+    """Unstructured magnitude pruning of every conv and linear weight, layer-wise or global (one ranking over
+    the layers whose rate is not 0, at `rate`; a layer at rate 0 is not pruned either way).
 
     A mask set maps each weight's state-dict key to a bool tensor of the weight's shape.
     """
@@ -32,20 +33,31 @@ class WeightPruning:
         output = fc / 2 if cfg.output_rate < 0 else cfg.output_rate
         self.rates = {name: {"conv": conv, "fc": fc, "output": output}[kind] for name, kind in self.kinds.items()}
         self.global_rate = cfg.rate if cfg.global_pruning else None
+        # global pruning ranks only the layers the recipe prunes: one at rate 0 (the lottery-ticket paper's
+        # VGG-19 and ResNet-18 leave the output layer whole) keeps every weight, and its small initial
+        # weights do not go first
+        self.ranked = [name for name, rate in self.rates.items() if rate > 0]
+        if cfg.global_pruning and not self.ranked:
+            raise UserError("--global-pruning: every layer's rate is 0 (--conv-rate, --fc-rate, --output-rate), "
+                            "so nothing would be pruned")
 
     def dense(self) -> Masks:
         """Masks that keep every weight (round 0)."""
         return {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.shapes.items()}
 
     def density(self, round_: int) -> dict[str, float] | float:
-        """Fraction of weights a round leaves: (1 - rate)^round per layer, or overall when global."""
+        """Fraction of weights a round leaves: (1 - rate)^round per layer, or when global over all the layers
+        it ranks (those with a nonzero rate)."""
         if self.global_rate is not None:
             return (1 - self.global_rate) ** round_
         return {name: (1 - rate) ** round_ for name, rate in self.rates.items()}
 
     def prune(self, state: dict[str, torch.Tensor], masks: Masks, round_: int) -> Masks:
         """The masks of `round_`, from trained weights `state` and the masks they trained under."""
-        return magnitude_masks(state, masks, self.density(round_))
+        if self.global_rate is None:
+            return magnitude_masks(state, masks, self.density(round_))
+        ranked = magnitude_masks(state, {name: masks[name] for name in self.ranked}, self.density(round_))
+        return {name: ranked.get(name, mask) for name, mask in masks.items()}
 
     def param_masks(self, masks: Masks) -> Masks:
         """The masks by parameter name: the weight masks themselves."""
