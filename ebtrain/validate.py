@@ -31,6 +31,12 @@ def validate(cfg: Config) -> None:
         (all(0 < m < cfg.train.epochs and (m < 1 or float(m).is_integer()) for m in milestones),
          f"--milestones {_values(milestones)}: each must be a fraction in (0, 1) or a whole epoch inside the "
          f"{cfg.train.epochs}-epoch schedule"),
+        (cfg.search.rewind_epoch < cfg.train.epochs,
+         f"--rewind-epoch {cfg.search.rewind_epoch}: must be below --epochs {cfg.train.epochs} (a ticket rewound to "
+         "epoch K trains epochs K+1 to the end)"),
+        (not cfg.search.max_search_epochs or cfg.search.rewind_epoch <= cfg.search.max_search_epochs,
+         f"--rewind-epoch {cfg.search.rewind_epoch}: the search stops by --max-search-epochs "
+         f"{cfg.search.max_search_epochs}, before it"),
     ]
     checks += [(Path(folder).is_dir() or not Path(folder).exists(), f"{flag} {folder}: is a file, not a folder")
                for flag, folder in (("--out", cfg.run.out), ("--runs-dir", cfg.run.runs_dir)) if folder]
