@@ -181,8 +181,10 @@ def _retrain(args: argparse.Namespace) -> None:
         check_model(cfg, data, early_bird=False)
 
     p = _prepare(args, base, check_data=fits, run_folder=False)
-    init = p.cfg.search.init
-    out = Path(p.cfg.run.out) if p.cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket["ratio"], init)
+    search = p.cfg.search
+    init = search.init
+    out = Path(p.cfg.run.out) if p.cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket["ratio"], init,
+                                                                 search.rewind_epoch, search.reinit_seed)
     try:
         result = retrain_ticket(p.cfg, Path(args.ticket), out, p.data, p.device, init)
     except KeyboardInterrupt:

@@ -143,8 +143,16 @@ class SearchConfig:
                        within="[2, 24]")
     retrain: bool = _field(True, "after the search, prune and retrain every ticket")
     init: str = _field("eb", "weights the pruned network starts from: eb (the Early-Bird weights), reinit "
-                       "(fresh random weights, full schedule), rewind (kept initial weights)",
+                       "(fresh random weights, full schedule), rewind (the kept weights of --rewind-epoch)",
                        ("eb", "reinit", "rewind"))
+    rewind_epoch: int = _field(0, "the search saves the dense weights of epoch K (RUN/rewindK.pt; 0: the "
+                               "initialization, RUN/init.pt, always saved), and --init rewind resets the kept "
+                               "weights to them and trains global epochs K+1 to the end, the learning rate "
+                               "continuing the schedule from epoch K (late rewinding); K at most the ticket's "
+                               "EB epoch", within="[0, inf)")
+    reinit_seed: int = _field(-1, "seed of --init reinit's fresh weights (-1: derived from --seed, one that "
+                              "differs from the dense initialization's)", within="[0, 4294967295]",
+                              also=(-1,))
     round_channels: int = _field(0, "round each layer of a pruned network up to a multiple of N channels (at most "
                                  "its dense size), keeping again its highest-scored pruned channels, so tensor "
                                  "cores stay efficient; the Early-Bird mask is unchanged (1: no rounding; 0: auto, "

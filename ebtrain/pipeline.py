@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, distributed, rundir
-from .config import Config, rounding_multiple
-from .data import DataBundle, load_data
+from .config import Config, load_yaml, rounding_multiple
+from .data import DataBundle, derived_seed, load_data
 from .errors import UserError
 from .figures import drawing_epochs_figure, save_figure
 from .flops import run_cost, search_total
@@ -35,11 +35,29 @@ from .train import Trainer, new_model, resolve_device, seed_everything
 
 
 # ---- phases ------------------------------------------------------------------------------------
-def _initial_weights(run_dir: Path) -> dict:
-    path = run_dir / rundir.INIT_FILE
-    if not path.exists():
-        raise UserError(f"--init rewind needs the initial weights '{path}' written by the search")
-    return checkpoint.load(path)
+def reinit_seed(cfg: Config) -> int:
+    """The seed of `--init reinit`'s fresh weights: --reinit-seed, or with -1 one derived from --seed by the
+    lottery's rule for its reinit control (a hash of 'reinit' and the seed), so it is not the seed of the
+    dense initialization the ticket came from."""
+    return cfg.search.reinit_seed if cfg.search.reinit_seed >= 0 else derived_seed("reinit", cfg.train.seed, bits=32)
+
+
+def _rewind_weights(run_dir: Path, epoch: int, eb_epoch: int) -> dict:
+    """The dense weights the search saved after `epoch` (RUN/init.pt for 0); UserError saying why when it has
+    none for that epoch."""
+    if epoch > eb_epoch:
+        raise UserError(f"--rewind-epoch {epoch}: the ticket emerged at epoch {eb_epoch}, and rewinding goes back "
+                        f"along the search to at most that epoch (at {eb_epoch} it starts where --init eb does)")
+    path = rundir.rewind_file(run_dir, epoch)
+    if path.exists():
+        return checkpoint.load(path)
+    config = run_dir / rundir.CONFIG_FILE  # read here, on rank 0 (rundir.saved_config would broadcast)
+    saved = load_yaml(config).search.rewind_epoch if config.is_file() else None
+    why = (f"the search ran with --rewind-epoch {saved}, so it saved the weights of epoch {saved} and of the "
+           "initialization (--rewind-epoch 0) only" if saved not in (None, epoch) else
+           "the search has not written them: it has not reached that epoch, or the file was removed")
+    raise UserError(f"--init rewind --rewind-epoch {epoch} needs '{path}': {why}; search again with "
+                    f"--rewind-epoch {epoch} to rewind there")
 
 
 def _save_phase(result: dict, model: nn.Module, out_dir: Path, **extra) -> None:
@@ -56,35 +74,44 @@ def _search_flops(ticket_path: Path) -> float:
     return search_total(search["cost"])["flops"] if search and "cost" in search else 0
 
 
+def retrain_start(cfg: Config, ticket: dict, ticket_path: Path, init: str) -> tuple[nn.Module, int, dict]:
+    """Where a retrain of `ticket` (as `round_ticket` left it) starts: the pruned network, the global epoch it
+    has reached (training goes on from the next), and what the result records of the init's own setting.
+
+    init: 'eb' the EB weights at the EB epoch; 'reinit' fresh random weights (seed `reinit_seed(cfg)`) at
+    epoch 0; 'rewind' the kept weights of the search after epoch k = cfg.search.rewind_epoch (0: the
+    initialization, RUN/init.pt) at epoch k, so the learning rate continues the schedule from there.
+    """
+    dense, pruned = pruned_from_ticket(ticket)
+    if init == "reinit":
+        seed = reinit_seed(cfg)
+        seed_everything(seed)
+        fresh = build_model(**pruned.arch)
+        # fresh weights; PreResNet's channel-selection masks are structure, not weights: keep them
+        fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
+        return fresh, 0, {"reinit_seed": seed, "reinit_seed_derived": cfg.search.reinit_seed < 0}
+    if init == "rewind":
+        k = cfg.search.rewind_epoch
+        dense.load_state_dict(distributed.from_main(_rewind_weights, rundir.run_of_ticket(ticket_path), k,
+                                                    ticket["epoch"]))
+        return prune_channels(dense, ticket["keep"]), k, {"rewind_epoch": k}
+    return pruned, ticket["epoch"], {}
+
+
 def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBundle, device: torch.device,
                    init: str = "eb") -> dict:
-    """Train the pruned network of a ticket through the rest of the schedule.
-
-    init: 'eb' continues from the EB weights at global epoch EB+1 with a fresh optimizer; 'reinit'
-    trains the same pruned architecture from a fresh random initialization for the full schedule;
-    'rewind' resets the kept weights to their values at initialization (RUN/init.pt) and trains the
-    full schedule.
-    """
+    """Train the pruned network of a ticket through the rest of the schedule, with a fresh optimizer, from
+    where `retrain_start` puts `init`: 'eb' (EB weights, epochs EB+1 to the end), 'reinit' (fresh weights,
+    the full schedule), 'rewind' (the search's kept weights of --rewind-epoch k, epochs k+1 to the end)."""
     done = rundir.finished(out_dir)
     if done is not None:
         return done
     multiple = rounding_multiple(cfg.search, device.type)
     ticket = round_ticket(load_ticket(ticket_path), multiple)  # the EB mask stays on disk
-    dense, pruned = pruned_from_ticket(ticket)
-    start = ticket["epoch"]
-    if init == "reinit":
-        seed_everything(cfg.train.seed)
-        fresh = build_model(**pruned.arch)
-        # fresh weights; PreResNet's channel-selection masks are structure, not weights: keep them
-        fresh.load_state_dict({k: v for k, v in pruned.state_dict().items() if k.endswith("mask")}, strict=False)
-        pruned, start = fresh, 0
-    elif init == "rewind":
-        dense.load_state_dict(distributed.from_main(_initial_weights, rundir.run_of_ticket(ticket_path)))
-        pruned = prune_channels(dense, ticket["keep"])
-        start = 0
+    pruned, start, setting = retrain_start(cfg, ticket, ticket_path, init)
     if start >= cfg.train.epochs:
-        raise UserError(f"the ticket was drawn at epoch {start}, at or past the schedule's {cfg.train.epochs} "
-                        "epochs: nothing is left to retrain")
+        raise UserError(f"the retrain ({init}) starts after epoch {start}, at or past the schedule's "
+                        f"{cfg.train.epochs} epochs: nothing is left to retrain")
     meter = cost_meter(pruned, cfg, data, _search_flops(ticket_path))
     trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter], start_epoch=start,
                       progress=show_progress(cfg), tensorboard=cfg.run.tensorboard,
@@ -93,12 +120,12 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
-    result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
+    result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, **setting, precision="fp32",
                   drawn=ticket.get("drawn", False),
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
                   round_channels=multiple, channels_rounded_added=ticket["channels_rounded_added"],
-                  params_dense=count_params(dense), params_pruned=count_params(pruned))
+                  params_dense=count_params(build_model(**ticket["arch"])), params_pruned=count_params(pruned))
     _save_phase(result, trainer.model, out_dir, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     return result
 
@@ -154,9 +181,14 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
                           "retrain it: raise --epochs or stop the search earlier (--max-search-epochs)",
                           file=sys.stderr, flush=True)
                 continue
-            summary["tickets"][name] = retrain_ticket(cfg, run_dir / path,
-                                                      rundir.retrain_dir(run_dir, ratio, cfg.search.init),
-                                                      data, device, cfg.search.init)
+            if cfg.search.init == "rewind" and cfg.search.rewind_epoch > eb_epoch:
+                if distributed.is_main():
+                    print(f"ebtrain: the ticket {name} emerged at epoch {eb_epoch}, before --rewind-epoch "
+                          f"{cfg.search.rewind_epoch}: rewinding goes back to at most a ticket's EB epoch, so it is "
+                          "not retrained", file=sys.stderr, flush=True)
+                continue
+            out = rundir.retrain_dir(run_dir, ratio, cfg.search.init, cfg.search.rewind_epoch, cfg.search.reinit_seed)
+            summary["tickets"][name] = retrain_ticket(cfg, run_dir / path, out, data, device, cfg.search.init)
         summary["tickets"].update(_retrain_drawn(cfg, run_dir, search, data, device))
     if cfg.search.baseline:
         summary["baseline"] = train_baseline(cfg, rundir.baseline_dir(run_dir), data, device)
@@ -177,7 +209,9 @@ def _retrain_drawn(cfg: Config, run_dir: Path, search: dict, data: DataBundle, d
             name = rundir.drawn_ticket_name(ratio, epoch)
             if name in search.get("drawn_tickets", {}):
                 results[name] = retrain_ticket(cfg, rundir.drawn_ticket_file(run_dir, ratio, epoch),
-                                               rundir.retrain_dir(run_dir, ratio, cfg.search.init, epoch),
+                                               rundir.retrain_dir(run_dir, ratio, cfg.search.init,
+                                                                  cfg.search.rewind_epoch, cfg.search.reinit_seed,
+                                                                  drawn_at=epoch),
                                                data, device, cfg.search.init)
     return results
 

@@ -5,7 +5,8 @@ ticket retrained later with `ebtrain retrain --init reinit` gets its row too; a 
 from its lottery.json (`lottery_rows`). Columns:
 
     run            the run directory's name
-    method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind
+    method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind (to the
+                   initialization; 'EB rewind (epoch 5)' to epoch 5 of the search)
     ratio          the channel pruning ratio of the ticket
     eb_epoch       the epoch at which the ticket emerged
     channels       prunable channels kept / in the dense network
@@ -74,6 +75,18 @@ def _costs(flops: dict | None) -> dict:
             "savings_alone_paper": round(alone["savings_paper"], 3), "seconds_alone": round(alone["seconds"], 1)}
 
 
+def method_label(retrain: dict) -> str:
+    """The method of a retrain's result: 'EB-Train', 'EB re-init', 'EB rewind (epoch 5)', 'EB re-init (seed 7)'
+    (a seed given with --reinit-seed; the derived one is not shown); '(drawn)' marks a ticket drawn at a fixed
+    epoch (--draw-epochs)."""
+    label = METHODS.get(retrain["init"], f"EB {retrain['init']}") + (" (drawn)" if retrain.get("drawn") else "")
+    if retrain.get("rewind_epoch"):
+        return f"{label} (epoch {retrain['rewind_epoch']})"
+    if retrain.get("reinit_seed_derived") is False:
+        return f"{label} (seed {retrain['reinit_seed']})"
+    return label
+
+
 def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) -> list[dict]:
     """Rows of one run: the dense baseline (if trained), then every retrained ticket of the summary and
     of `retrains` (results of retrain phases; one per method and ratio), EB-Train first, by ratio."""
@@ -87,11 +100,10 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
         full = dense and {"flops": dense["flops"], "savings": 1.0, "savings_paper": 1.0}
         rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
     # a ticket drawn at a fixed epoch (--draw-epochs) is its own row beside the detector's of that ratio
-    tickets = {(t["init"], t["ratio"], t["eb_epoch"] if t.get("drawn") else -1): t
+    tickets = {(t["init"] != "eb", method_label(t), t["ratio"], t["eb_epoch"] if t.get("drawn") else -1): t
                for t in [*summary.get("tickets", {}).values(), *retrains]}
-    for (init, ratio, drawn_at), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
+    for (_, method, ratio, _), t in sorted(tickets.items(), key=lambda item: item[0]):
         spent = ticket_cost(search_cost, t, dense) if search_cost and "cost" in t else None
-        method = METHODS.get(init, f"EB {init}") + (" (drawn)" if drawn_at >= 0 else "")
         row = _row(run, method, t, ratio=ratio, eb_epoch=t["eb_epoch"],
                    channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
                    search_epochs=search.get("epochs_trained"),

@@ -2,8 +2,10 @@
 
     RUN/config.yaml        the resolved settings            RUN/summary.json   the finished run's results
     RUN/init.pt            the weights at initialization    RUN/tickets/p30.pt  a ticket (tickets.py)
+    RUN/rewind5.pt         the weights after epoch 5 (--rewind-epoch 5)
     RUN/search/            the search phase                 RUN/retrain/p30/    a ticket's retrain (EB weights)
     RUN/retrain/p30-reinit/  a retrain from another init    RUN/baseline/       the dense baseline
+    (p30-rewind, p30-rewind5, p30-reinit-seed7: see retrain_dir)
 A phase folder holds metrics.jsonl, checkpoint.pt, TensorBoard events, and when the phase has finished
 result.json (and model.pt for a trained network); the `train` command's run folder is itself one phase.
 Under torchrun rank 0 alone creates and reads the run directory; the other ranks get the results.
@@ -71,11 +73,26 @@ def run_of_ticket(ticket: str | Path) -> Path:
     return Path(ticket).parent.parent
 
 
-def retrain_dir(run_dir: Path, ratio: float, init: str = "eb", drawn_at: int | None = None) -> Path:
-    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit';
-    RUN/retrain/p30-e10 for the ticket drawn at epoch 10 (--draw-epochs)."""
+def rewind_file(run_dir: Path, epoch: int) -> Path:
+    """The dense weights the search saved after epoch `epoch` for --init rewind: RUN/rewind5.pt for 5,
+    and for 0 the initialization, RUN/init.pt."""
+    return run_dir / (INIT_FILE if epoch == 0 else f"rewind{epoch}.pt")
+
+
+def retrain_dir(run_dir: Path, ratio: float, init: str = "eb", rewind_epoch: int = 0, reinit_seed: int = -1,
+                drawn_at: int | None = None) -> Path:
+    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'
+    (p30-reinit-seed7 with --reinit-seed 7), p30-rewind for 'rewind' to the initialization (p30-rewind5 to
+    epoch 5): a folder per setting the result depends on, so one retrain never stands in for another.
+    A ticket drawn at a fixed epoch (--draw-epochs) is named by it: p30-e10, p30-e10-reinit, ..."""
     name = ratio_name(ratio) if drawn_at is None else drawn_ticket_name(ratio, drawn_at)
-    return run_dir / "retrain" / (name if init == "eb" else f"{name}-{init}")
+    if init != "eb":
+        name += f"-{init}"
+    if init == "rewind" and rewind_epoch:
+        name += str(rewind_epoch)
+    if init == "reinit" and reinit_seed >= 0:
+        name += f"-seed{reinit_seed}"
+    return run_dir / "retrain" / name
 
 
 def retrain_dirs(run_dir: Path) -> list[Path]:

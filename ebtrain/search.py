@@ -3,6 +3,8 @@ masks after every epoch, save each ratio's ticket as it emerges, stop when all h
 
     result = run_search(cfg, run_dir, data, device)   # RUN/search/, RUN/tickets/pNN.pt, RUN/init.pt
 
+With --rewind-epoch K it also saves the dense weights after epoch K (RUN/rewindK.pt) for `--init rewind`.
+
 The phase is resumable: a finished search (RUN/search/result.json) is read back, an unfinished one
 continues from its checkpoint with the detector's history. Under torchrun every rank trains alike and
 rank 0 alone draws masks and writes tickets and figures.
@@ -110,6 +112,20 @@ class EarlyBirdHook(Hook):
         self.detector.load_state_dict(state)
 
 
+class SaveWeights(Hook):
+    """Saves the dense weights after epoch `epoch` to `path` (for `--init rewind --rewind-epoch`), before
+    that epoch's checkpoint, so a search resumed from any later checkpoint finds them on disk."""
+
+    def __init__(self, epoch: int, path: Path):
+        self.epoch = epoch
+        self.path = path
+
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        if epoch == self.epoch and distributed.is_main():
+            weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            checkpoint.atomic_save(weights, self.path)
+
+
 # ---- the phase --------------------------------------------------------------------------------
 def show_progress(cfg: Config) -> bool:
     """Whether a phase draws progress bars (--progress auto: when stderr is a terminal)."""
@@ -138,6 +154,8 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
     if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
         hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
+    if s.rewind_epoch:
+        hooks.append(SaveWeights(s.rewind_epoch, rundir.rewind_file(run_dir, s.rewind_epoch)))
     eb_hook = EarlyBirdHook(detector, run_dir, max_epochs, s.draw_epochs)
     trainer = Trainer(model, data, cfg.train, device=device, out_dir=out_dir, hooks=[*hooks, eb_hook, meter],
                       end_epoch=min(max_epochs, cfg.train.epochs), progress=show_progress(cfg),

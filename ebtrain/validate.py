@@ -37,6 +37,12 @@ def validate(cfg: Config) -> None:
         (not draws or not cfg.search.max_search_epochs or max(draws) <= cfg.search.max_search_epochs,
          f"--draw-epochs {_values(draws)}: the search stops at --max-search-epochs "
          f"{cfg.search.max_search_epochs}, before the last of them"),
+        (cfg.search.rewind_epoch < cfg.train.epochs,
+         f"--rewind-epoch {cfg.search.rewind_epoch}: must be below --epochs {cfg.train.epochs} (a ticket rewound to "
+         "epoch K trains epochs K+1 to the end)"),
+        (not cfg.search.max_search_epochs or cfg.search.rewind_epoch <= cfg.search.max_search_epochs,
+         f"--rewind-epoch {cfg.search.rewind_epoch}: the search stops by --max-search-epochs "
+         f"{cfg.search.max_search_epochs}, before it"),
     ]
     checks += [(Path(folder).is_dir() or not Path(folder).exists(), f"{flag} {folder}: is a file, not a folder")
                for flag, folder in (("--out", cfg.run.out), ("--runs-dir", cfg.run.runs_dir)) if folder]
