@@ -75,8 +75,9 @@ class DataConfig:
     train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)",
                                within="[0, inf)")
     val_size: int = _field(0, "hold out N training images as a validation split (0: none)", within="[0, inf)")
-    augment: str = _field("auto", "random crop with padding and horizontal flip: auto (on for CIFAR-like "
-                          "colour data), on, off", ("auto", "on", "off"))
+    augment: str = _field("auto", "random crop with padding and horizontal flip (streamed image folders: random "
+                          "resized crop and flip): auto (on for CIFAR-like colour data and streamed folders), on, "
+                          "off", ("auto", "on", "off"))
     synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)",
                                  within="[1, inf)")
     image_size: int = _field(32, "synthetic dataset: image side in pixels; a streamed image folder: the side of "

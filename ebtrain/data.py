@@ -451,9 +451,11 @@ def _split(train: ImageSet, subset: int, val_size: int, seed: int, name: str) ->
     return train.take(order[val_size:]), train.take(order[:val_size]) if val_size else None
 
 
-def _should_augment(setting: str, name: str, channels: int, size: int) -> bool:
+def _should_augment(setting: str, name: str, channels: int, size: int, loader: str) -> bool:
     if setting != "auto":
         return setting == "on"
+    if loader == "stream":  # the ImageNet recipe: a random resized crop of any image, at any crop size
+        return True
     # Crop-and-flip is the CIFAR recipe; it hurts digits (a mirrored 2 is not a 2) and tiny images.
     return name in ("cifar10", "cifar100") or (name in ("imagefolder", "synthetic") and channels == 3 and size >= 32)
 
@@ -483,7 +485,7 @@ def load_data(cfg: DataConfig, seed: int = 1, device: torch.device | None = None
         channels, size = train.images.shape[1], train.images.shape[2]
     return DataBundle(train=train, val=val, test=test, num_classes=len(classes), in_channels=channels,
                       image_size=size, mean=mean, std=std,
-                      augment=_should_augment(cfg.augment, cfg.dataset, channels, size),
+                      augment=_should_augment(cfg.augment, cfg.dataset, channels, size, loader),
                       classes=classes, name=cfg.dataset, loader=loader,
                       workers=resolve_workers(cfg.workers) if loader == "stream" else 0)
 

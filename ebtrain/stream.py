@@ -100,7 +100,8 @@ class StreamLoader(EpochBatches):
         self._scale, self._shift = normalization(mean, std, self.device)
         self._batches = DataLoader(_Decoded(data, transform, augment, seed), batch_sampler=_RankBatches(self),
                                    num_workers=workers, collate_fn=partial(_collate, image_size),
-                                   pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+                                   pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                   generator=torch.Generator())  # its draw of worker seeds leaves torch's alone
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self._batches:
