@@ -11,6 +11,7 @@ decodes it and however many there are, and epoch e of a resumed run sees the bat
 """
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -60,7 +61,8 @@ class _RankBatches:
     """The batch sampler: this rank's (index, epoch) keys of each batch of the loader's current epoch."""
 
     def __init__(self, loader: StreamLoader) -> None:
-        self.loader = loader
+        # weak: no reference cycle, so a loader no longer used ends its workers at once, not at the next collection
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         loader = self.loader
