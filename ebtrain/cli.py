@@ -103,7 +103,7 @@ def _prepare(args: argparse.Namespace, base: Config | None = None, *,
         check_settings(cfg)
     device = resolve_device(cfg.train.device)
     with distributed.main_first():
-        data = load_data(cfg.data, seed=cfg.train.seed)
+        data = load_data(cfg.data, seed=cfg.train.seed, device=device)
     if check_data:
         check_data(cfg, data)
     run_dir = None

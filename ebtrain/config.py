@@ -75,13 +75,22 @@ class DataConfig:
     train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)",
                                within="[0, inf)")
     val_size: int = _field(0, "hold out N training images as a validation split (0: none)", within="[0, inf)")
-    augment: str = _field("auto", "random crop with padding and horizontal flip: auto (on for CIFAR-like "
-                          "colour data), on, off", ("auto", "on", "off"))
+    augment: str = _field("auto", "random crop with padding and horizontal flip (streamed image folders: random "
+                          "resized crop and flip): auto (on for CIFAR-like colour data and streamed folders), on, "
+                          "off", ("auto", "on", "off"))
     synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)",
                                  within="[1, inf)")
-    image_size: int = _field(32, "synthetic dataset: image side in pixels", within="[1, inf)")
+    image_size: int = _field(32, "synthetic dataset: image side in pixels; a streamed image folder: the side of "
+                             "the crop every image is trained and evaluated at", within="[1, inf)")
     num_classes: int = _field(10, "synthetic dataset: number of classes", within="[2, inf)")
     channels: int = _field(3, "synthetic dataset: image channels", within="[1, inf)")
+    loader: str = _field("auto", "image folders: memory (decode once, hold every image on the training device), "
+                         "stream (decode each batch from disk in --workers processes: random resized crop and flip "
+                         "for training, resize and center crop to --image-size for evaluation), auto (stream when "
+                         "the images differ in size or would take over a quarter of RAM, or of GPU memory on CUDA, "
+                         "decoded)", ("auto", "memory", "stream"))
+    workers: int = _field(-1, "streaming loader: decoding processes per split (0: decode in the training process; "
+                          "-1: min(8, CPU count))", within="[0, inf)", also=(-1,))
 
 
 @dataclass

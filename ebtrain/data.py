@@ -6,6 +6,10 @@ to augment). `BatchLoader` keeps the uint8 images on the training device and bui
 random crop with zero padding and horizontal flip as batched tensor ops, then scaling and normalization,
 so the accelerator never waits for Python (the airbench recipe).
 
+An image folder whose decoded images would not fit in memory, or whose images differ in size, is not
+decoded here: its splits are `FileSet`s (paths and labels) that `stream.StreamLoader` decodes batch by
+batch in worker processes (`choose_loader` says which path a folder takes, and why).
+
 Randomness is explicit: the dataset splits depend on `seed`, a loader's order and augmentation depend on
 (`seed`, epoch) only, so epoch e of a resumed run sees exactly the batches it would have seen unbroken.
 """
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .checkpoint import UnreadableFile, atomic_save, load
 from .config import DataConfig, check_allowed
 from .errors import UserError
@@ -47,16 +52,34 @@ class ImageSet:
 
 
 @dataclass
+class FileSet:
+    """Image files and their labels, decoded only when a batch needs them (`stream.StreamLoader`):
+    `paths` [N], `labels` int64 [N]."""
+
+    paths: list[str]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: torch.Tensor) -> FileSet:
+        """The files at `indices`, in that order."""
+        return FileSet([self.paths[i] for i in indices.tolist()], self.labels[indices])
+
+
+@dataclass
 class DataBundle:
     """Everything `load_data` produces: the splits and what a model and a loader need to know.
 
     `mean` and `std` are per channel in [0, 1] pixel units; `augment` says whether training batches
-    should get random crop and flip (`BatchLoader(augment=...)`).
+    should get augmented (`BatchLoader(augment=...)`: random crop and flip; `StreamLoader`: random resized
+    crop and flip). `loader` is "memory" (the splits are `ImageSet`s) or "stream" (`FileSet`s, decoded by
+    `workers` processes, cropped to `image_size`).
     """
 
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet
+    train: ImageSet | FileSet
+    val: ImageSet | FileSet | None
+    test: ImageSet | FileSet
     num_classes: int
     in_channels: int
     image_size: int
@@ -65,6 +88,13 @@ class DataBundle:
     augment: bool
     classes: list[str]
     name: str
+    loader: str = "memory"
+    workers: int = 0
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image as the model sees it."""
+        return self.in_channels, self.image_size, self.image_size
 
 
 Splits = tuple[ImageSet, ImageSet, list[str]]  # train, test, class names
@@ -72,6 +102,8 @@ Splits = tuple[ImageSet, ImageSet, list[str]]  # train, test, class names
 # The constants every CIFAR and MNIST codebase uses, so runs compare with published ones; other
 # datasets get theirs measured on the training images.
 CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+# A streamed folder is never decoded whole, so its statistics are not measured: ImageNet's, as everyone uses.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 KNOWN_STATS = {"cifar10": CIFAR_STATS, "cifar100": CIFAR_STATS, "mnist": ((0.1307,), (0.3081,))}
 
 FOLDER_HELP = "use --dataset imagefolder --data-dir PATH for a folder of images"
@@ -149,7 +181,7 @@ CACHE_VERSION = 1  # bump when the cached layout or the decoding changes
 ANNOUNCE_AFTER_S = 1.0  # decoding that takes longer than this is announced on stderr
 
 
-def _decode(path: str) -> torch.Tensor:
+def read_image(path: str) -> torch.Tensor:
     """One image file as uint8 RGB [3, H, W]; gray, palette and alpha images are converted."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -206,7 +238,7 @@ def _decode_all(paths: list[str], root: Path) -> list[torch.Tensor]:
     live = sys.stderr.isatty()  # a running count only where it can overwrite itself
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         try:
-            for decoded in pool.map(lambda chunk: [_decode(p) for p in chunk], chunks):
+            for decoded in pool.map(lambda chunk: [read_image(p) for p in chunk], chunks):
                 images.extend(decoded)
                 if live:
                     print(f"\r  {len(images)}/{len(paths)}", end="", file=sys.stderr, flush=True)
@@ -223,12 +255,17 @@ def _decode_all(paths: list[str], root: Path) -> list[torch.Tensor]:
     return images
 
 
+class MixedSizes(UserError):
+    """The images of a folder loaded into memory differ in size (`--loader auto` then streams it)."""
+
+
 def _stack(images: list[torch.Tensor], paths: list[str], root: Path) -> torch.Tensor:
     """One uint8 [N, C, H, W] tensor: C = 1 if every image is grayscale, else 3."""
     sizes = {tuple(im.shape[1:]): p for im, p in zip(images, paths)}
     if len(sizes) > 1:
         examples = ", ".join(f"{h}x{w} (e.g. {os.path.relpath(p, root)})" for (h, w), p in list(sizes.items())[:3])
-        raise UserError(f"images in '{root}' differ in size: {examples}; resize them to one size first")
+        raise MixedSizes(f"images in '{root}' differ in size: {examples}; resize them to one size first, or "
+                         "stream them (--loader stream --image-size N)")
     (h, w), = sizes
     if h != w:
         raise UserError(f"images in '{root}' are {h}x{w}: ebtrain needs square images, resize or crop them first")
@@ -237,8 +274,8 @@ def _stack(images: list[torch.Tensor], paths: list[str], root: Path) -> torch.Te
     return stacked[:, :1].clone() if bool((stacked[:, 1:] == stacked[:, :1]).all()) else stacked
 
 
-def _load_imagefolder(cfg: DataConfig, seed: int) -> Splits:
-    root = Path(cfg.data_dir)
+def _list_imagefolder(root: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """The (path, label) samples of train/ and test/ and the class names, checked."""
     layout = f"expected {root / 'train'}/<class>/* and {root / 'test'}/<class>/*"
     if not root.is_dir():
         raise UserError(f"image folder '{root}' not found: {layout}")
@@ -253,6 +290,11 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> Splits:
     if len(classes) < 2:
         raise UserError(f"'{root / 'train'}' holds one class ({classes[0]}): a classifier needs at least 2 class "
                         "folders")
+    return train_samples, test_samples, classes
+
+
+def _decode_imagefolder(root: Path, train_samples: list[tuple[str, int]], test_samples: list[tuple[str, int]],
+                        classes: list[str]) -> Splits:
     samples = train_samples + test_samples
     paths = [p for p, _ in samples]
     cache = root / CACHE_DIR / f"imagefolder-{_tree_key(root, paths)}.pt"
@@ -288,6 +330,83 @@ def _write_cache(blob: dict[str, torch.Tensor], cache: Path) -> None:
         print(f"ebtrain: could not write the cache {cache} ({e}); the next load decodes again", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- which loader
+
+MEMORY_FRACTION = 0.25  # the in-memory path takes a folder whose decoded images fit in this share of memory
+SIZE_SAMPLE = 256  # image headers read to judge a folder's sizes (every header would take minutes on ImageNet)
+
+
+def memory_limit(device: torch.device | None = None) -> int:
+    """Bytes a folder's decoded images may take on the in-memory path: `MEMORY_FRACTION` of the machine's RAM,
+    and of the GPU's memory when training on CUDA (BatchLoader keeps the whole set on the device)."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device is not None and device.type == "cuda":
+        available = min(available, torch.cuda.get_device_properties(device).total_memory)
+    return int(MEMORY_FRACTION * available)
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding it; None if unreadable (decoding says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError):
+        return None
+
+
+def choose_loader(setting: str, paths: list[str], device: torch.device | None = None) -> tuple[str, str]:
+    """("memory" or "stream", why) for a folder of `paths` under `--loader setting`.
+
+    auto streams when the images differ in size or their decoded bytes (3 x H x W each) would exceed
+    `memory_limit(device)`; both are judged from the headers of `SIZE_SAMPLE` files spread over the folder,
+    and a difference in size the sample missed is found by the decoding (`load_data` then streams)."""
+    n = len(paths)
+    if setting == "memory":
+        return "memory", f"{n} images, --loader memory"
+    if setting == "stream":
+        return "stream", f"{n} images, --loader stream"
+    sizes = [size for size in map(_header_size, paths[::max(1, n // SIZE_SAMPLE)]) if size is not None]
+    if len(set(sizes)) > 1:
+        return "stream", f"{n} images of mixed sizes"
+    w, h = sizes[0] if sizes else (0, 0)
+    decoded, limit = 3 * w * h * n, memory_limit(device)
+    where = "GPU memory" if device is not None and device.type == "cuda" else "RAM"
+    within = f"{decoded / 2 ** 20:,.0f} MiB decoded, limit {limit / 2 ** 20:,.0f} MiB ({MEMORY_FRACTION:.0%} of {where})"
+    if decoded > limit:
+        return "stream", f"{n} images of {w}x{h}, {within}"
+    return "memory", f"{n} images of {w}x{h}, {within}"
+
+
+def resolve_workers(workers: int) -> int:
+    """`--workers`: -1 means min(8, the CPU count)."""
+    return min(8, os.cpu_count() or 1) if workers == -1 else workers
+
+
+def _load_imagefolder(cfg: DataConfig, device: torch.device | None) -> tuple[ImageSet | FileSet, ImageSet | FileSet,
+                                                                             list[str], str]:
+    """train, test, classes and the loader chosen ("memory": `ImageSet`s, "stream": `FileSet`s); prints the
+    choice and its reason once."""
+    root = Path(cfg.data_dir)
+    train_samples, test_samples, classes = _list_imagefolder(root)
+    loader, reason = choose_loader(cfg.loader, [p for p, _ in train_samples + test_samples], device)
+    train = test = None
+    if loader == "memory":
+        try:
+            train, test, classes = _decode_imagefolder(root, train_samples, test_samples, classes)
+        except MixedSizes:
+            if cfg.loader == "memory":
+                raise
+            loader, reason = "stream", f"{len(train_samples) + len(test_samples)} images of mixed sizes"
+    if distributed.is_main():
+        print(f"loader: {loader} ({reason})", file=sys.stderr, flush=True)
+    if loader == "stream":
+        train, test = [FileSet([p for p, _ in samples], torch.tensor([y for _, y in samples], dtype=torch.int64))
+                       for samples in (train_samples, test_samples)]
+    return train, test, classes, loader
+
+
 # ----------------------------------------------------------------------------- load_data
 
 SOURCES: dict[str, Callable[[DataConfig, int], Splits]] = {
@@ -295,7 +414,6 @@ SOURCES: dict[str, Callable[[DataConfig, int], Splits]] = {
     "cifar100": functools.partial(_load_torchvision, "CIFAR100"),
     "mnist": functools.partial(_load_torchvision, "MNIST"),
     "fashion-mnist": functools.partial(_load_torchvision, "FashionMNIST"),
-    "imagefolder": _load_imagefolder,
     "digits": _load_digits,
     "synthetic": _make_synthetic,
 }
@@ -333,29 +451,43 @@ def _split(train: ImageSet, subset: int, val_size: int, seed: int, name: str) ->
     return train.take(order[val_size:]), train.take(order[:val_size]) if val_size else None
 
 
-def _should_augment(setting: str, name: str, channels: int, size: int) -> bool:
+def _should_augment(setting: str, name: str, channels: int, size: int, loader: str) -> bool:
     if setting != "auto":
         return setting == "on"
+    if loader == "stream":  # the ImageNet recipe: a random resized crop of any image, at any crop size
+        return True
     # Crop-and-flip is the CIFAR recipe; it hurts digits (a mirrored 2 is not a 2) and tiny images.
     return name in ("cifar10", "cifar100") or (name in ("imagefolder", "synthetic") and channels == 3 and size >= 32)
 
 
-def load_data(cfg: DataConfig, seed: int = 1) -> DataBundle:
-    """Load the dataset `cfg.dataset` into memory, split it and describe it.
+def load_data(cfg: DataConfig, seed: int = 1, device: torch.device | None = None) -> DataBundle:
+    """Load the dataset `cfg.dataset` into memory (or, for an image folder that streams, list its files),
+    split it and describe it.
 
-    `seed` fixes the synthetic data, the training subset and the validation split. Raises UserError
-    (one line) for settings outside their bounds (`config.check_allowed`), unknown names, missing data
-    and subset or validation sizes the data cannot give.
+    `seed` fixes the synthetic data, the training subset and the validation split; `device`, the one
+    training will run on, sets the memory limit of `choose_loader`. Raises UserError (one line) for
+    settings outside their bounds (`config.check_allowed`), unknown names, missing data and subset or
+    validation sizes the data cannot give.
     """
     check_allowed(cfg)
-    train, test, classes = SOURCES[cfg.dataset](cfg, seed)
+    if cfg.dataset == "imagefolder":
+        train, test, classes, loader = _load_imagefolder(cfg, device)
+    elif cfg.loader == "stream":
+        raise UserError(f"--loader stream reads image folders, and {cfg.dataset} is held in memory: drop --loader, "
+                        f"or {FOLDER_HELP}")
+    else:
+        (train, test, classes), loader = SOURCES[cfg.dataset](cfg, seed), "memory"
     train, val = _split(train, cfg.train_subset, cfg.val_size, seed, cfg.dataset)
-    mean, std = KNOWN_STATS.get(cfg.dataset) or channel_stats(train.images)
-    channels, size = train.images.shape[1], train.images.shape[2]
+    if loader == "stream":  # decoded to RGB and cropped to cfg.image_size batch by batch
+        (mean, std), channels, size = IMAGENET_STATS, 3, cfg.image_size
+    else:
+        mean, std = KNOWN_STATS.get(cfg.dataset) or channel_stats(train.images)
+        channels, size = train.images.shape[1], train.images.shape[2]
     return DataBundle(train=train, val=val, test=test, num_classes=len(classes), in_channels=channels,
                       image_size=size, mean=mean, std=std,
-                      augment=_should_augment(cfg.augment, cfg.dataset, channels, size),
-                      classes=classes, name=cfg.dataset)
+                      augment=_should_augment(cfg.augment, cfg.dataset, channels, size, loader),
+                      classes=classes, name=cfg.dataset, loader=loader,
+                      workers=resolve_workers(cfg.workers) if loader == "stream" else 0)
 
 
 # ----------------------------------------------------------------------------- batch loader
@@ -384,44 +516,29 @@ def derived_seed(*parts: object, bits: int = 64) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:bits // 8], "little")
 
 
-class BatchLoader:
-    """Batches of an `ImageSet` kept on `device`, augmented and normalized there.
+class EpochBatches:
+    """What every loader shares: the epoch's order and this rank's share of each global batch.
 
-    The uint8 images move to `device` once. Each iteration yields `(x, y)`: x float32 [B, C, H, W],
-    scaled to [0, 1] and normalized with `mean`/`std`; y int64 [B]. With `shuffle` the order, and with
-    `augment` the crop offsets and flips, come from a generator seeded by (`seed`, epoch): call
-    `set_epoch(e)` before iterating epoch e (iterating twice without it repeats the epoch).
-
-    With `world_size` > 1 the loader yields rank `rank`'s share of every batch: every rank draws the
-    same order and augmentation, cuts the same global batches of `batch_size` images and takes the
-    `rank`-th of `world_size` contiguous, near-equal pieces of each, so together the ranks see the
-    batches one process would, and every rank yields the same number of batches. `even_shards` (for
-    training) makes the pieces equal: `batch_size` must then be a multiple of `world_size`, and the
-    last `n % world_size` images of each epoch's order are left out (none with one process).
+    With `shuffle` the order comes from a generator seeded by (`seed`, epoch): call `set_epoch(e)` before
+    iterating epoch e (iterating twice without it repeats the epoch). With `world_size` > 1 the loader
+    yields rank `rank`'s share of every batch: every rank draws the same order (and augmentation), cuts
+    the same global batches of `batch_size` images and takes the `rank`-th of `world_size` contiguous,
+    near-equal pieces of each, so together the ranks see the batches one process would, and every rank
+    yields the same number of batches. `even_shards` (for training) makes the pieces equal: `batch_size`
+    must then be a multiple of `world_size`, and the last `n % world_size` images of each epoch's order
+    are left out (none with one process).
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
-                 device: str | torch.device = "cpu", shuffle: bool = False, augment: bool = False, pad: int = 4,
-                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 even_shards: bool = False) -> None:
+    def __init__(self, n: int, batch_size: int, *, device: str | torch.device, shuffle: bool, seed: int,
+                 drop_last: bool, rank: int, world_size: int, even_shards: bool) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         if even_shards and batch_size % world_size:
             raise UserError(f"batch size {batch_size} does not split evenly among {world_size} processes: under "
                             f"torchrun --batch-size is the global batch, make it a multiple of {world_size}")
-        if pad < 0:
-            raise UserError(f"crop padding must not be negative, got {pad}")
-        self.device = torch.device(device)
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device)
-        self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
-        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.n, self.device = n, torch.device(device)
+        self.batch_size, self.shuffle, self.seed, self.drop_last, self.epoch = batch_size, shuffle, seed, drop_last, 0
         self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        # x = (pixel / 255 - mean) / std, folded into one multiply-add per element.
-        self._scale, self._shift = 1 / (255 * std_t), -mean_t / std_t
-        self._generator = torch.Generator(device=self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
@@ -431,7 +548,7 @@ class BatchLoader:
     def num_samples(self) -> int:
         """Images yielded per epoch by all ranks together (fewer than the data when `drop_last` drops a
         partial batch or `even_shards` the images that do not split evenly among the ranks)."""
-        n = len(self.labels)
+        n = self.n
         if self.drop_last:
             return n - n % self.batch_size
         return n - n % self.world_size if self.even_shards else n
@@ -439,21 +556,61 @@ class BatchLoader:
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, device, generator = len(self.labels), self.device, self._generator
+    def _order(self, generator: torch.Generator) -> torch.Tensor:
+        """The epoch's order of the n images, from `generator` (seeded here by (seed, epoch))."""
         generator.manual_seed(derived_seed(self.seed, self.epoch))
-        # The order is drawn first, so loaders with and without augmentation share it.
         if self.shuffle:
-            order = torch.randperm(n, generator=generator, device=device)
-        else:
-            order = torch.arange(n, device=device)
+            return torch.randperm(self.n, generator=generator, device=generator.device)
+        return torch.arange(self.n, device=generator.device)
+
+    def _rank_shares(self) -> Iterator[slice]:
+        """This rank's piece of each global batch, as a slice of the epoch's order."""
+        rank, ranks = self.rank, self.world_size
+        for start in range(0, self.num_samples, self.batch_size):
+            size = min(self.batch_size, self.num_samples - start)  # the global batch [start, start + size)
+            yield slice(start + size * rank // ranks, start + size * (rank + 1) // ranks)
+
+
+def normalization(mean: Sequence[float], std: Sequence[float], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1, C, 1, 1] with x = pixel * scale + shift = (pixel / 255 - mean) / std: one multiply-add
+    per element (`torch.addcmul(shift, pixels.float(), scale)`)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1 / (255 * std_t), -mean_t / std_t
+
+
+class BatchLoader(EpochBatches):
+    """Batches of an `ImageSet` kept on `device`, augmented and normalized there.
+
+    The uint8 images move to `device` once. Each iteration yields `(x, y)`: x float32 [B, C, H, W],
+    scaled to [0, 1] and normalized with `mean`/`std`; y int64 [B]. With `shuffle` the order, and with
+    `augment` the crop offsets and flips, come from a generator seeded by (`seed`, epoch); order, epochs
+    and ranks as in `EpochBatches`.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
+                 device: str | torch.device = "cpu", shuffle: bool = False, augment: bool = False, pad: int = 4,
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 even_shards: bool = False) -> None:
+        super().__init__(len(data), batch_size, device=device, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                         rank=rank, world_size=world_size, even_shards=even_shards)
+        if pad < 0:
+            raise UserError(f"crop padding must not be negative, got {pad}")
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.augment, self.pad = augment, pad
+        self._scale, self._shift = normalization(mean, std, self.device)
+        self._generator = torch.Generator(device=self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device, generator = self.n, self.device, self._generator
+        # The order is drawn first, so loaders with and without augmentation share it.
+        order = self._order(generator)
         if self.augment:
             offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator, device=device)
             flips = torch.rand(n, generator=generator, device=device) < 0.5
-        for start in range(0, self.num_samples, self.batch_size):
-            size = min(self.batch_size, self.num_samples - start)  # the global batch [start, start + size)
-            rank, ranks = self.rank, self.world_size
-            batch = slice(start + size * rank // ranks, start + size * (rank + 1) // ranks)
+        for batch in self._rank_shares():
             index = order[batch]
             x = self.images[index]
             if self.augment:

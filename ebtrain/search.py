@@ -134,7 +134,7 @@ def show_progress(cfg: Config) -> bool:
 
 def cost_meter(model: nn.Module, cfg: Config, data: DataBundle, start_flops: float = 0) -> CostMeter:
     """Measures the model's FLOPs at the training batch size and meters them through a phase."""
-    return CostMeter(measure_cost(model, tuple(data.train.images.shape[1:]), cfg.train.batch_size), start_flops)
+    return CostMeter(measure_cost(model, data.input_shape, cfg.train.batch_size), start_flops)
 
 
 def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.device) -> dict:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed, rundir
 from .config import Config, TrainConfig, compile_step, resolve_milestones
 from .data import BatchLoader, DataBundle
+from .stream import make_loader
 from .errors import UserError
 from .models import build_model
 from .monitor import Monitor
@@ -252,12 +253,10 @@ class Trainer:
         self.steps = 0
         self.seconds = 0.0
         self.stop = False
-        norm = dict(mean=data.mean, std=data.std, device=device, rank=distributed.rank(),
-                    world_size=distributed.world_size())
-        self.train_loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=data.augment,
-                                        seed=cfg.seed, even_shards=True, **norm)
-        self.test_loader = BatchLoader(data.test, cfg.eval_batch_size, **norm)
-        self.val_loader = BatchLoader(data.val, cfg.eval_batch_size, **norm) if data.val is not None else None
+        placement = dict(device=device, rank=distributed.rank(), world_size=distributed.world_size())
+        self.train_loader = make_loader(data, "train", cfg.batch_size, train=True, seed=cfg.seed, **placement)
+        self.test_loader = make_loader(data, "test", cfg.eval_batch_size, **placement)
+        self.val_loader = make_loader(data, "val", cfg.eval_batch_size, **placement) if data.val is not None else None
         self.monitor = Monitor(self.out_dir if tensorboard and distributed.is_main() else None)
 
     @property

@@ -154,7 +154,7 @@ def test_imagefolder_loads_and_caches(tmp_path, monkeypatch):
     def no_decoding(path):
         raise AssertionError("decoded again although the tree did not change")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr(data, "read_image", no_decoding)
     cached = load_data(DataConfig(dataset="imagefolder", data_dir=str(tmp_path)))
     assert torch.equal(cached.train.images, bundle.train.images)
     assert torch.equal(cached.test.labels, bundle.test.labels)
@@ -196,7 +196,7 @@ def test_imagefolder_errors(tmp_path, breakage, message):
     if breakage == "unreadable image":
         (root / "train/dog/1.png").write_bytes(b"this is not a png")
     with pytest.raises(UserError, match=message) as error:
-        load_data(DataConfig(dataset="imagefolder", data_dir=str(root)))
+        load_data(DataConfig(dataset="imagefolder", data_dir=str(root), loader="memory"))
     assert "\n" not in str(error.value)
 
 

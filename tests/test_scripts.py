@@ -1,5 +1,6 @@
 """The scripts: reproduce_eb.py stops within its time budget and finishes when run again; it skips or
-continues each step by what is on disk; bench_train.py and bench_lottery.py write their figures on a CPU."""
+continues each step by what is on disk; bench_train.py, bench_lottery.py and bench_data.py write their figures on
+a CPU."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from PIL import Image
 
 from ebtrain.earlybird import Ticket, channel_scores, draw_mask
 from ebtrain.models import build_model
@@ -144,3 +146,28 @@ def test_gpu_check_needs_a_gpu_and_runs_its_checks_on_the_cpu_when_told(tmp_path
     assert [(c["name"], c["passed"]) for c in summary["checks"]] == [("search_fp32_eager", True), ("prune", True)]
     assert summary["checks"][0]["tickets"] == ["p30", "p50", "p70"] and summary["checks"][0]["compiled"] is False
     assert "PASS prune" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_bench_data_writes_the_folder_once_and_its_figures(tmp_path):
+    source = tmp_path / "source"
+    for label in ("cat", "dog"):
+        (source / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 100 if label == "cat" else 200, 30)).save(source / label / f"{i}.png")
+    folder, out = tmp_path / "jpg", tmp_path / "bench_data.json"
+    argv = ["--source", str(source), "--folder", str(folder), "--images", "40", "--workers", "1", "--arch", "vgg11",
+            "--image-size", "16", "--batch-size", "8", "--warmup", "1", "--steps", "1", "--out", str(out)]
+    bench = load_script("bench_data")
+    report = bench.main(argv)
+    assert report == json.loads(out.read_text())
+    jpegs = sorted(folder.rglob("*.jpg"))
+    assert len(jpegs) == 40 and report["folder"]["train_images"] + report["folder"]["test_images"] == 40
+    sides = {side for path in jpegs for side in Image.open(path).size}
+    assert min(sides) >= 100 and max(sides) <= 500 and len(sides) > 2
+    for name in ("stream", "memory"):
+        assert report["loaders"][name]["images_per_s"] > 0 and report["ratio_loader_to_model"]["vgg11"][name] > 0
+    assert report["models"]["vgg11"]["images_per_s"] > 0 and report["target_ratio"] == 1.5
+    written = jpegs[0].stat().st_mtime_ns
+    bench.main(argv)  # the folder is there: not written again
+    assert jpegs[0].stat().st_mtime_ns == written

@@ -77,6 +77,7 @@ def check_config(cfg: Config, data: DataBundle) -> None:
         (1 <= L.eval_every <= L.iterations, f"--eval-every {L.eval_every}: must lie in 1..--iterations"),
         (0 <= L.rewind_iter < L.iterations, f"--rewind-iter {L.rewind_iter}: must lie in 0..--iterations - 1"),
         (data.val is not None, "the lottery experiment stops early on a validation split: set --val-size N"),
+        (data.loader == "memory", "the lottery experiment trains from data held in memory: --loader memory"),
         (not (L.structured and L.global_pruning), "--global-pruning is for weights; --structured channel masks "
                                                   "are drawn globally already"),
         (not L.eb_ticket or L.structured, "--eb-ticket compares channel masks: it needs --structured"),
