@@ -28,7 +28,7 @@ from .flops import run_cost, search_total
 from .models import build_model, count_params, save_model
 from .prune import prune_channels
 from .search import cost_meter, run_search, show_progress
-from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket
+from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket, ticket_name
 from .train import Trainer, new_model, resolve_device, seed_everything
 
 
@@ -86,11 +86,14 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     meter = cost_meter(pruned, cfg, data, _search_flops(ticket_path))
     trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter], start_epoch=start,
                       progress=show_progress(cfg), tensorboard=cfg.run.tensorboard,
-                      name=f"retrain {ratio_name(ticket['ratio'])} ({init})")
+                      name=f"retrain {ticket_name(ticket)} ({init})")
     trainer.resume()
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
+    dense_flops = cost_meter(dense, cfg, data).cost.forward_flops_per_image
+    result.update(ticket=ticket_name(ticket), flops_target=ticket.get("flops_target"),
+                  flops_fraction=meter.cost.forward_flops_per_image / dense_flops)
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, precision="fp32",
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
@@ -142,9 +145,10 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
     summary["search"] = search
     summary["tickets"] = {}
     if cfg.search.retrain:
-        drawn = {ratio_name(float(r)): (float(r), v["eb_epoch"]) for r, v in search["detector"]["ratios"].items()}
+        drawn = {v.get("name", ratio_name(float(r))): v["eb_epoch"]
+                 for block in ("ratios", "flops_targets") for r, v in search["detector"].get(block, {}).items()}
         for name, path in search["tickets"].items():
-            ratio, eb_epoch = drawn[name]
+            eb_epoch = drawn[name]
             if cfg.search.init == "eb" and eb_epoch >= cfg.train.epochs:
                 if distributed.is_main():
                     print(f"ebtrain: the ticket {name} emerged at the schedule's last epoch, so no epoch is left to "
@@ -152,7 +156,7 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
                           file=sys.stderr, flush=True)
                 continue
             summary["tickets"][name] = retrain_ticket(cfg, run_dir / path,
-                                                      rundir.retrain_dir(run_dir, ratio, cfg.search.init),
+                                                      rundir.retrain_dir(run_dir, name, cfg.search.init),
                                                       data, device, cfg.search.init)
     if cfg.search.baseline:
         summary["baseline"] = train_baseline(cfg, rundir.baseline_dir(run_dir), data, device)

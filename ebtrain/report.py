@@ -6,9 +6,12 @@ from its lottery.json (`lottery_rows`). Columns:
 
     run            the run directory's name
     method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind
-    ratio          the channel pruning ratio of the ticket
+    ticket         the ticket's name: p30 for channel ratio 0.3, f50 for FLOPs target 0.5
+    ratio          the fraction of prunable channels the ticket prunes (a ratio ticket: its ratio)
     eb_epoch       the epoch at which the ticket emerged
     channels       prunable channels kept / in the dense network
+    channels_fraction  the fraction of prunable channels kept
+    flops_fraction the trained network's forward FLOPs per image over the dense network's
     params         parameters of the trained network
     final_acc      test accuracy after the last epoch, in %; best_acc the best epoch's
     search_epochs  epochs of the dense search; train_epochs epochs of this row's own training
@@ -36,9 +39,10 @@ from .errors import UserError
 from .figures import acc_vs_flops_figure, save_figure
 from .flops import baseline_cost, ticket_cost
 from .rundir import LOTTERY_FILE, SUMMARY_FILE
-from .tickets import load_ticket
+from .tickets import load_ticket, ratio_name
 
-COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
+COLUMNS = ("run", "method", "ticket", "ratio", "eb_epoch", "channels", "channels_fraction", "flops_fraction",
+           "params", "final_acc", "best_acc",
            "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds",
            "train_flops_alone", "savings_alone", "savings_alone_paper", "seconds_alone")
 FORMATS = ("text", "markdown", "csv", "json")
@@ -85,11 +89,16 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
     if trained is not None:
         full = dense and {"flops": dense["flops"], "savings": 1.0, "savings_paper": 1.0}
         rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
-    tickets = {(t["init"], t["ratio"]): t for t in [*summary.get("tickets", {}).values(), *retrains]}
-    for (init, ratio), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", *item[0])):
+    tickets = {(t["init"], t.get("ticket", ratio_name(t["ratio"]))): t
+               for t in [*summary.get("tickets", {}).values(), *retrains]}
+    for (init, name), t in sorted(tickets.items(), key=lambda item: (item[0][0] != "eb", item[0][0],
+                                                                      item[0][1][0] != "p", item[1]["ratio"])):
         spent = ticket_cost(search_cost, t, dense) if search_cost and "cost" in t else None
-        row = _row(run, METHODS.get(init, f"EB {init}"), t, ratio=ratio, eb_epoch=t["eb_epoch"],
-                   channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
+        flops = t.get("flops_fraction")
+        row = _row(run, METHODS.get(init, f"EB {init}"), t, ticket=name, ratio=round(t["ratio"], 4),
+                   eb_epoch=t["eb_epoch"], channels=f"{t['channels_kept']}/{t['channels_total']}",
+                   channels_fraction=round(t["channels_kept"] / t["channels_total"], 4),
+                   flops_fraction=None if flops is None else round(flops, 4), params=t["params_pruned"],
                    search_epochs=search.get("epochs_trained"),
                    seconds=round(search.get("seconds", 0.0) + t["seconds"], 1), **_costs(spent))
         rows.append(row)

@@ -20,6 +20,11 @@ from .config import Config, apply_overrides, dump_yaml, flag, load_yaml
 from .errors import UserError
 from .tickets import ratio_name
 
+
+def _name(ratio: float | str) -> str:
+    """A ticket's name: 'p30' for ratio 0.3; a name ('f50') as it is."""
+    return ratio if isinstance(ratio, str) else ratio_name(ratio)
+
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 LOTTERY_FILE = "lottery.json"  # a lottery run's summary (ebtrain.lottery)
@@ -39,19 +44,19 @@ def tickets_dir(run_dir: Path) -> Path:
     return run_dir / "tickets"
 
 
-def ticket_file(run_dir: Path, ratio: float) -> Path:
-    """RUN/tickets/p30.pt for ratio 0.3."""
-    return tickets_dir(run_dir) / f"{ratio_name(ratio)}.pt"
+def ticket_file(run_dir: Path, ratio: float | str) -> Path:
+    """RUN/tickets/p30.pt for ratio 0.3, RUN/tickets/f50.pt for the ticket named 'f50' (FLOPs target 0.5)."""
+    return tickets_dir(run_dir) / f"{_name(ratio)}.pt"
 
 
 def ticket_files(run_dir: Path) -> dict[str, Path]:
-    """Every ticket file of a run by name ('p30'), in name order (not the pruned models `prune` writes there)."""
-    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt")) if re.fullmatch(r"p[0-9.e+-]+", p.stem)}
+    """Every ticket file of a run by name ('p30', 'f50'), in name order (not the pruned models `prune` writes there)."""
+    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("*.pt")) if re.fullmatch(r"[pf][0-9.e+-]+", p.stem)}
 
 
-def pruned_model_file(ticket: str | Path, ratio: float) -> Path:
+def pruned_model_file(ticket: str | Path, ratio: float | str) -> Path:
     """Where `ebtrain prune` writes a ticket's pruned network by default: beside it, RUN/tickets/p30-pruned.pt."""
-    return Path(ticket).with_name(f"{ratio_name(ratio)}-pruned.pt")
+    return Path(ticket).with_name(f"{_name(ratio)}-pruned.pt")
 
 
 def run_of_ticket(ticket: str | Path) -> Path:
@@ -59,9 +64,10 @@ def run_of_ticket(ticket: str | Path) -> Path:
     return Path(ticket).parent.parent
 
 
-def retrain_dir(run_dir: Path, ratio: float, init: str = "eb") -> Path:
-    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'."""
-    return run_dir / "retrain" / (ratio_name(ratio) if init == "eb" else f"{ratio_name(ratio)}-{init}")
+def retrain_dir(run_dir: Path, ratio: float | str, init: str = "eb") -> Path:
+    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'
+    (a ratio, or a ticket's name: RUN/retrain/f50)."""
+    return run_dir / "retrain" / (_name(ratio) if init == "eb" else f"{_name(ratio)}-{init}")
 
 
 def retrain_dirs(run_dir: Path) -> list[Path]:
@@ -73,8 +79,8 @@ def baseline_dir(run_dir: Path) -> Path:
     return run_dir / "baseline"
 
 
-def distance_figure(run_dir: Path, ratio: float) -> Path:
-    return search_dir(run_dir) / f"distance_{ratio_name(ratio)}.png"
+def distance_figure(run_dir: Path, ratio: float | str) -> Path:
+    return search_dir(run_dir) / f"distance_{_name(ratio)}.png"
 
 
 def kept_channels_figure(run_dir: Path) -> Path:
