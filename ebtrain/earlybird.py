@@ -14,6 +14,10 @@ Typical use from a training loop::
             save(ticket)                  # ticket.mask, ticket.epoch, and the model's weights now
         if detector.done:
             break
+
+Tickets sized by cost: `EarlyBird(model, ratios=(), flops_targets=(0.5,), input_shape=(3, 32, 32))` draws
+the mask of the highest-ranked channels whose pruned network costs at most half the dense forward FLOPs
+(`draw_flops_mask`; its tickets are named 'f50', and `emerged['f50']` holds one).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from typing import Protocol, Sequence
 
 import torch
 from torch import nn
+
+from .channel_flops import ChannelFlops
 
 RULES = ("paper", "reference")
 
@@ -360,7 +366,6 @@ class EarlyBird:
                 raise ValueError(f"{what}s {values} share ticket names {[name(v) for v in values]}: "
                                  "give values that differ in their percent")
         if flops_counter is None and input_shape is not None:
-            from .channel_flops import ChannelFlops
             flops_counter = ChannelFlops(model, tuple(input_shape))
         if targets and flops_counter is None:
             raise ValueError("flops_targets need a way to count FLOPs: pass input_shape (C, H, W) or flops_counter")

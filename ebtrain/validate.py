@@ -75,11 +75,11 @@ def check_ticket_names(cfg: Config) -> None:
     if not s.ratios and not s.flops_targets:
         raise UserError("--ratios is empty and no --flops-targets are given: name at least one pruning ratio or "
                         "FLOPs target in (0, 1) to draw a ticket for")
-    for flag_name, values, name in (("--ratios", s.ratios, ratio_name), ("--flops-targets", s.flops_targets,
-                                                                          target_name)):
+    for flag_name, what, values, name in (("--ratios", "ratio", s.ratios, ratio_name),
+                                          ("--flops-targets", "target", s.flops_targets, target_name)):
         names = [name(v) for v in values]
         if len(set(names)) < len(names):
-            raise UserError(f"{flag_name} {_values(values)}: each value once (values that round to the same percent "
+            raise UserError(f"{flag_name} {_values(values)}: each {what} once ({what}s that round to the same percent "
                             f"share a ticket file: {', '.join(names)})")
 
 
