@@ -31,7 +31,7 @@ from .host_memory import retain_freed_memory
 from .models import build_model, count_params, list_models, save_model
 from .rundir import (CHECKPOINT_FILE, SUMMARY_FILE, config_to_resume, prepare_run_dir, pruned_model_file, retrain_dir,
                      run_of_ticket, saved_config)
-from .tickets import load_ticket, pruned_from_ticket
+from .tickets import load_ticket, pruned_from_ticket, ticket_label, ticket_name
 from .train import resolve_device
 from .validate import check_model, check_ticket_fits, check_ticket_names, validate
 
@@ -55,7 +55,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if kind is bool:
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             elif kind is list:
-                group.add_argument(flag(f.name), nargs="+", type=_number, metavar="X", **kwargs)
+                group.add_argument(flag(f.name), nargs="+" if f.metadata["nonempty"] else "*", type=_number,
+                                   metavar="X", **kwargs)
             else:
                 group.add_argument(flag(f.name), type=kind if kind is not str else None, **kwargs)
 
@@ -154,12 +155,12 @@ def _interrupted(how_to_continue: str) -> NoReturn:
 def _prune(args: argparse.Namespace) -> None:
     ticket = load_ticket(args.ticket)
     dense, pruned = pruned_from_ticket(ticket)
-    default = pruned_model_file(args.ticket, ticket["ratio"])
+    default = pruned_model_file(args.ticket, ticket_name(ticket))
     out = Path(args.output) if args.output else default
     if out.is_dir():
         raise UserError(f"--output {out}: is a folder; name the file to write, e.g. {out / default.name}")
     save_model(pruned, out, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
-    print(f"ticket p = {ticket['ratio']:g} drawn at epoch {ticket['epoch']}")
+    print(f"ticket {ticket_label(ticket)} drawn at epoch {ticket['epoch']}")
     print(f"{'layer':32s} {'dense':>6s} {'kept':>6s}")
     for name, total, kept in zip(ticket["layers"], ticket["dense_channels"], ticket["kept_channels"]):
         print(f"{name:32s} {total:6d} {kept:6d}")
@@ -183,14 +184,15 @@ def _retrain(args: argparse.Namespace) -> None:
     p = _prepare(args, base, check_data=fits, run_folder=False)
     search = p.cfg.search
     init = search.init
-    out = Path(p.cfg.run.out) if p.cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket["ratio"], init,
-                                                                 search.rewind_epoch, search.reinit_seed)
+    drawn_at = ticket["epoch"] if ticket.get("drawn") else None
+    out = Path(p.cfg.run.out) if p.cfg.run.out else retrain_dir(run_of_ticket(args.ticket), ticket_name(ticket), init,
+                                                                 search.rewind_epoch, search.reinit_seed, drawn_at)
     try:
         result = retrain_ticket(p.cfg, Path(args.ticket), out, p.data, p.device, init)
     except KeyboardInterrupt:
         _interrupted(f"the same command (it continues from {out / CHECKPOINT_FILE})")
     if distributed.is_main():
-        print(f"retrained p = {ticket['ratio']:g} ({init}): final test accuracy "
+        print(f"retrained {ticket_label(ticket)} ({init}): final test accuracy "
               f"{100 * result['final_test_acc']:.2f}%, best {100 * result['best_test_acc']:.2f}% -> {out}")
 
 

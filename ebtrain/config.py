@@ -130,8 +130,12 @@ class TrainConfig:
 
 @dataclass
 class SearchConfig:
-    ratios: list = _field([0.3, 0.5, 0.7], "channel pruning ratios to draw Early-Bird tickets for",
-                          within="(0, 1)", nonempty=True)
+    ratios: list = _field([0.3, 0.5, 0.7], "channel pruning ratios to draw Early-Bird tickets for (tickets p30, "
+                          "...); may be empty (a bare --ratios) when --flops-targets are given", within="(0, 1)")
+    flops_targets: list = _field([], "fractions of the dense network's forward FLOPs per image to draw Early-Bird "
+                                 "tickets for (tickets f50, ...): each mask keeps the highest-|gamma| channels whose "
+                                 "pruned network costs at most that fraction, counted exactly; beside --ratios",
+                                 within="(0, 1)")
     eps: float = _field(0.1, "mask-distance threshold below which a ticket has emerged", within="(0, 1)")
     queue_length: int = _field(5, "number of recent mask distances the detector looks at", within="[2, inf)")
     eb_rule: str = _field("paper", "paper: max of the FIFO queue of consecutive-epoch distances below eps; "
@@ -143,6 +147,10 @@ class SearchConfig:
                              within="[0, 1)")
     sparsity: float = _field(1e-4, "L1 penalty on the prunable BatchNorm weights during the search (0: off)",
                              within="[0, inf)")
+    sparsity_weight: str = _field("uniform", "weight of each channel's L1 penalty: uniform (the paper's), or flops "
+                                  "(MorphNet's FLOPs regularizer: scaled by the forward FLOPs the channel costs in "
+                                  "the dense network, normalized to a mean of 1 over all prunable channels)",
+                                  ("uniform", "flops"))
     max_search_epochs: int = _field(0, "stop searching after this many epochs (0: the whole schedule)",
                                     within="[0, inf)")
     precision: str = _field("fp32", "arithmetic of the search: fp32, or bfp8 (simulated block floating point "

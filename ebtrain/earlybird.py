@@ -14,15 +14,21 @@ Typical use from a training loop::
             save(ticket)                  # ticket.mask, ticket.epoch, and the model's weights now
         if detector.done:
             break
+
+Tickets sized by cost: `EarlyBird(model, ratios=(), flops_targets=(0.5,), input_shape=(3, 32, 32))` draws
+the mask of the highest-ranked channels whose pruned network costs at most half the dense forward FLOPs
+(`draw_flops_mask`; its tickets are named 'f50', and `emerged['f50']` holds one).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
+
+from .channel_flops import ChannelFlops
 
 RULES = ("paper", "reference")
 
@@ -135,6 +141,19 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"pruning ratio must lie strictly between 0 and 1, got {ratio}")
+    sizes, order, protected = _ranking(scores, min_keep)
+    num_to_prune = _channel_count(ratio, order.numel())
+    unprotected_order = order[~protected[order]]
+    keep = torch.ones(order.numel(), dtype=torch.bool)
+    keep[unprotected_order[:num_to_prune]] = False
+    kept_back = int(protected[order[:num_to_prune]].sum())
+    return ChannelMask(keep=keep, sizes=sizes, kept_back=kept_back)
+
+
+def _ranking(scores: Sequence[torch.Tensor], min_keep: float
+             ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """(layer sizes, every channel ranked by (score, layer, channel) ascending, the protected channels):
+    the ranking and the per-layer floor that `draw_mask` and `draw_flops_mask` share."""
     _check_min_keep(min_keep)
     if not scores:
         raise ValueError("no layers to draw a mask from")
@@ -144,9 +163,7 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
     flat = torch.cat([s.detach().reshape(-1).cpu() for s in scores]).double()
     if not torch.isfinite(flat).all():
         raise ValueError("channel scores contain NaN or inf (did training diverge?)")
-
     n = flat.numel()
-    num_to_prune = _channel_count(ratio, n)
     # Stable sort over the concatenation: equal scores stay in (layer, channel) order.
     order = torch.sort(flat, stable=True).indices
     starts = torch.tensor((0,) + sizes[:-1]).cumsum(0)
@@ -156,12 +173,58 @@ def draw_mask(scores: Sequence[torch.Tensor], ratio: float, min_keep: float = 0.
     for start, size, layer_rank in zip(starts.tolist(), sizes, rank.split(list(sizes))):
         floor = max(1, _channel_count(min_keep, size, round_up=True))
         protected[start + layer_rank.topk(floor).indices] = True
+    return sizes, order, protected
 
-    unprotected_order = order[~protected[order]]
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[unprotected_order[:num_to_prune]] = False
-    kept_back = int(protected[order[:num_to_prune]].sum())
-    return ChannelMask(keep=keep, sizes=sizes, kept_back=kept_back)
+
+class FlopsCounter(Protocol):
+    """What `draw_flops_mask` needs to know of a network (`ebtrain.channel_flops.ChannelFlops` is one):
+    its dense forward FLOPs, the FLOPs of keeping kept[j] channels of every prunable layer j, and what one
+    more channel of layer j adds to that."""
+    dense: int
+
+    def flops(self, kept: list[int]) -> int: ...
+
+    def add_cost(self, kept: list[int], j: int) -> int: ...
+
+
+def draw_flops_mask(scores: Sequence[torch.Tensor], target: float, counter: FlopsCounter,
+                    min_keep: float = 0.0) -> ChannelMask:
+    """Keep the highest-ranked channels whose network costs at most `target` x the dense forward FLOPs.
+
+    The ranking, its ties and the per-layer floor are `draw_mask`'s: the floor's channels are always kept,
+    then the other channels are taken from the highest-ranked down, each one kept if the network's forward
+    FLOPs with it stay within floor(target x dense) and skipped otherwise (the scan goes on, so a cheap
+    channel further down may still fit where an expensive one did not). Keeping a channel never lowers the
+    FLOPs and never lowers what another channel adds, so in the mask drawn no pruned channel can be added
+    back within the budget, and the kept channels are the longest prefix of the ranking that fits plus
+    those that still fit after it. If the floor alone costs more than the budget, the mask keeps the floor.
+    `kept_back` counts the protected channels ranked below the lowest-ranked channel the scan kept
+    (all of them if it kept none): those the ranking alone would not have reached.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"FLOPs target must lie strictly between 0 and 1, got {target}")
+    sizes, order, protected = _ranking(scores, min_keep)
+    if tuple(getattr(counter, "sizes", sizes)) != sizes:
+        raise ValueError(f"the FLOPs counter is for prunable layers of {tuple(counter.sizes)} channels, "
+                         f"the scores have {sizes}")
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).tolist()
+    keep = protected.clone()
+    kept = [int(k.sum()) for k in keep.split(list(sizes))]
+    budget = math.floor(target * counter.dense)
+    spent = counter.flops(kept)
+    lowest_kept = None
+    for channel in order.flip(0)[~protected[order.flip(0)]].tolist():
+        j = layer_of[channel]
+        cost = counter.add_cost(kept, j)
+        if spent + cost <= budget:
+            keep[channel] = True
+            kept[j] += 1
+            spent += cost
+            lowest_kept = channel
+    rank = torch.empty(order.numel(), dtype=torch.long)
+    rank[order] = torch.arange(order.numel())
+    below = rank[protected] < (rank[lowest_kept] if lowest_kept is not None else order.numel())
+    return ChannelMask(keep=keep, sizes=sizes, kept_back=int(below.sum()))
 
 
 def _check_min_keep(min_keep: float) -> None:
@@ -203,9 +266,23 @@ def jaccard(a: ChannelMask | torch.Tensor, b: ChannelMask | torch.Tensor) -> flo
     return int((ka & kb).sum()) / union if union else 1.0
 
 
+def ratio_name(ratio: float) -> str:
+    """0.3 -> 'p30': the name of a ratio's ticket (its file, its retrain folder, its keys and tags)."""
+    return f"p{ratio * 100:g}"
+
+
+def target_name(target: float) -> str:
+    """0.5 -> 'f50': the name of a FLOPs target's ticket."""
+    return f"f{target * 100:g}"
+
+
 @dataclass
 class Ticket:
     """An Early-Bird ticket: the mask for `ratio` drawn at `epoch`, when the detector's rule fired.
+
+    A FLOPs target's ticket has `flops_target` set, and `ratio` is the fraction of channels its mask prunes.
+    flops_fraction: the pruned network's forward FLOPs over the dense network's (None when the detector
+    counts no FLOPs). name: 'p30' for ratio 0.3, 'f50' for FLOPs target 0.5.
 
     distances: what the rule looked at when it fired. Rule "paper": the FIFO queue of consecutive-epoch
     mask distances, oldest first. Rule "reference": the distances from the newest mask to each older
@@ -217,13 +294,25 @@ class Ticket:
     epoch: int
     mask: ChannelMask
     distances: list[float]
+    flops_target: float | None = None
+    flops_fraction: float | None = None
+
+    @property
+    def name(self) -> str:
+        return ratio_name(self.ratio) if self.flops_target is None else target_name(self.flops_target)
+
+    @property
+    def key(self) -> float | str:
+        """The detector's key of the ticket's track: the ratio, or the FLOPs target's name."""
+        return self.ratio if self.flops_target is None else self.name
 
 
 @dataclass
 class _Track:
-    """Everything the detector remembers for one ratio."""
+    """Everything the detector remembers for one ratio or FLOPs target."""
 
-    ratio: float
+    ratio: float | None
+    flops_target: float | None = None
     masks: list[ChannelMask] = field(default_factory=list)
     queue: list[float] = field(default_factory=list)
     ticket: Ticket | None = None
@@ -244,6 +333,14 @@ class EarlyBird:
         the original code tests d <= eps) of each older mask. Takes at least `queue_length` masks.
     min_keep: the fraction of each layer's channels every mask keeps (see `draw_mask`); 0, the paper's
         global ranking, keeps at least one.
+    flops_targets: fractions of the dense network's forward FLOPs; for each the detector draws the mask of
+        `draw_flops_mask` and keeps a queue of its own, under the same rule. FLOPs are counted by
+        `flops_counter`, or by `ChannelFlops(model, input_shape)` (input_shape: one image, (C, H, W)).
+        Given either, every ticket carries its `flops_fraction`.
+
+    Keys: a ratio's track is keyed by the ratio itself (0.3), a FLOPs target's by its name ('f50'); the
+    queries (`queue`, `masks`, `distance_matrix`, ...) take either key or a name ('p30'), and `emerged`
+    and `pending` use the keys.
 
     Epochs are labels, not counters: `step()` with no argument continues from the previous label + 1
     (the first call is 0, meant for the initialization). A loop that skips the initialization mask
@@ -252,15 +349,26 @@ class EarlyBird:
     """
 
     def __init__(self, model: nn.Module, ratios: Sequence[float] = (0.3, 0.5, 0.7), eps: float = 0.1,
-                 queue_length: int = 5, rule: str = "paper", min_keep: float = 0.0) -> None:
+                 queue_length: int = 5, rule: str = "paper", min_keep: float = 0.0,
+                 flops_targets: Sequence[float] = (), input_shape: tuple[int, ...] | None = None,
+                 flops_counter: FlopsCounter | None = None) -> None:
         ratios = [float(r) for r in ratios]
-        if not ratios:
-            raise ValueError("ratios is empty: give at least one pruning ratio in (0, 1)")
-        for r in ratios:
-            if not 0.0 < r < 1.0:
-                raise ValueError(f"pruning ratio {r} is outside the allowed range (0, 1)")
-        if len(set(ratios)) != len(ratios):
-            raise ValueError(f"ratios contain duplicates: {ratios}; each ratio may appear once")
+        targets = [float(t) for t in flops_targets]
+        if not ratios and not targets:
+            raise ValueError("ratios is empty: give at least one pruning ratio (or FLOPs target) in (0, 1)")
+        for what, values, name in (("pruning ratio", ratios, ratio_name), ("FLOPs target", targets, target_name)):
+            for v in values:
+                if not 0.0 < v < 1.0:
+                    raise ValueError(f"{what} {v} is outside the allowed range (0, 1)")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{what}s contain duplicates: {values}; each may appear once")
+            if len({name(v) for v in values}) != len(values):
+                raise ValueError(f"{what}s {values} share ticket names {[name(v) for v in values]}: "
+                                 "give values that differ in their percent")
+        if flops_counter is None and input_shape is not None:
+            flops_counter = ChannelFlops(model, tuple(input_shape))
+        if targets and flops_counter is None:
+            raise ValueError("flops_targets need a way to count FLOPs: pass input_shape (C, H, W) or flops_counter")
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps {eps} is outside the allowed range (0, 1)")
         if isinstance(queue_length, bool) or not isinstance(queue_length, int) or queue_length < 2:
@@ -270,21 +378,45 @@ class EarlyBird:
         _check_min_keep(min_keep)
         self.model = model
         self.ratios = tuple(ratios)
+        self.flops_targets = tuple(targets)
+        self.flops_counter = flops_counter
         self.eps = float(eps)
         self.queue_length = queue_length
         self.rule = rule
         self.min_keep = float(min_keep)
         self._epochs: list[int] = []
-        self._tracks = {r: _Track(r) for r in self.ratios}
+        self._tracks = self._new_tracks()
+
+    def _new_tracks(self) -> dict[float | str, _Track]:
+        return {**{r: _Track(r) for r in self.ratios},
+                **{target_name(t): _Track(None, flops_target=t) for t in self.flops_targets}}
+
+    @property
+    def keys(self) -> list[float | str]:
+        """Every track's key: the ratios, then the FLOPs targets' names ('f50'), in the order given."""
+        return list(self._tracks)
+
+    def name(self, key: float | str) -> str:
+        """The ticket name of a track: 'p30' for ratio 0.3, 'f50' for FLOPs target 0.5."""
+        track = self._track(key)
+        return ratio_name(track.ratio) if track.flops_target is None else target_name(track.flops_target)
 
     # -- recording ----------------------------------------------------------------------------
 
     def step(self, epoch: int | None = None) -> list[Ticket]:
-        """Draw and record the mask of every ratio now; return the tickets that emerged at this call."""
+        """Draw and record the mask of every ratio and FLOPs target now; return the tickets that emerged
+        at this call."""
         epoch = self._next_epoch(epoch)
         scores = channel_scores(self.model)
-        masks = {r: draw_mask(scores, r, self.min_keep) for r in self.ratios}
+        masks = {key: draw_mask(scores, t.ratio, self.min_keep) if t.flops_target is None
+                 else draw_flops_mask(scores, t.flops_target, self.flops_counter, self.min_keep)
+                 for key, t in self._tracks.items()}
         return self._record(epoch, masks)
+
+    def flops_fraction(self, mask: ChannelMask) -> float | None:
+        """The forward FLOPs of the network `mask` cuts over the dense network's (None: no FLOPs counter)."""
+        counter = self.flops_counter
+        return None if counter is None else counter.flops(mask.kept_per_layer()) / counter.dense
 
     def _next_epoch(self, epoch: int | None) -> int:
         if epoch is None:
@@ -294,17 +426,18 @@ class EarlyBird:
                              "epochs must increase")
         return int(epoch)
 
-    def _record(self, epoch: int, masks: dict[float, ChannelMask]) -> list[Ticket]:
-        """Append one mask per ratio and apply the rule; shared by `step` and `load_state_dict`."""
-        first = masks[self.ratios[0]]
-        if self._epochs and first.sizes != self._tracks[self.ratios[0]].masks[-1].sizes:
+    def _record(self, epoch: int, masks: dict[float | str, ChannelMask]) -> list[Ticket]:
+        """Append one mask per track and apply the rule; shared by `step` and `load_state_dict`."""
+        key = self.keys[0]
+        first = masks[key]
+        if self._epochs and first.sizes != self._tracks[key].masks[-1].sizes:
             raise ValueError(f"the prunable layers changed size since the last step: "
-                             f"{self._tracks[self.ratios[0]].masks[-1].sizes} -> {first.sizes}")
+                             f"{self._tracks[key].masks[-1].sizes} -> {first.sizes}")
         self._epochs.append(epoch)
         emerged = []
-        for r in self.ratios:
-            track = self._tracks[r]
-            track.masks.append(masks[r])
+        for key, track in self._tracks.items():
+            mask = masks[key]
+            track.masks.append(mask)
             if self.rule == "paper":
                 if len(track.masks) >= 2:
                     newest = mask_distance(track.masks[-2], track.masks[-1])
@@ -315,31 +448,37 @@ class EarlyBird:
                 track.queue = [mask_distance(older, window[-1]) for older in window[:-1]]
                 full = len(window) == self.queue_length
             if track.ticket is None and full and max(track.queue) < self.eps:
-                track.ticket = Ticket(ratio=r, epoch=epoch, mask=masks[r], distances=list(track.queue))
+                ratio = track.ratio if track.flops_target is None else mask.num_pruned / mask.keep.numel()
+                track.ticket = Ticket(ratio=ratio, epoch=epoch, mask=mask, distances=list(track.queue),
+                                      flops_target=track.flops_target, flops_fraction=self.flops_fraction(mask))
                 emerged.append(track.ticket)
         return emerged
 
     # -- queries ------------------------------------------------------------------------------
 
-    def _track(self, ratio: float) -> _Track:
-        for r, track in self._tracks.items():
-            if math.isclose(r, ratio, rel_tol=1e-9, abs_tol=1e-12):
+    def _track(self, key: float | str) -> _Track:
+        for k, track in self._tracks.items():
+            if isinstance(key, str):
+                if key == (k if isinstance(k, str) else ratio_name(k)):
+                    return track
+            elif not isinstance(k, str) and math.isclose(k, key, rel_tol=1e-9, abs_tol=1e-12):
                 return track
-        raise ValueError(f"ratio {ratio} is not tracked; this detector tracks {list(self.ratios)}")
+        raise ValueError(f"{'ticket' if isinstance(key, str) else 'ratio'} {key} is not tracked; this detector "
+                         f"tracks {self.keys}")
 
     @property
     def done(self) -> bool:
-        """True once every ratio's ticket has emerged."""
+        """True once every ratio's and FLOPs target's ticket has emerged."""
         return all(t.ticket is not None for t in self._tracks.values())
 
     @property
-    def emerged(self) -> dict[float, Ticket]:
-        """Tickets found so far, by ratio (a new dict; in the order of `ratios`)."""
+    def emerged(self) -> dict[float | str, Ticket]:
+        """Tickets found so far, by key (a ratio, or a FLOPs target's name; a new dict, in the order of `keys`)."""
         return {r: t.ticket for r, t in self._tracks.items() if t.ticket is not None}
 
     @property
-    def pending(self) -> list[float]:
-        """Ratios whose ticket has not emerged yet, in the order of `ratios`."""
+    def pending(self) -> list[float | str]:
+        """Keys whose ticket has not emerged yet, in the order of `keys`."""
         return [r for r, t in self._tracks.items() if t.ticket is None]
 
     @property
@@ -347,7 +486,7 @@ class EarlyBird:
         """Epoch labels of all recorded masks, in order."""
         return list(self._epochs)
 
-    def last_distance(self, ratio: float) -> float | None:
+    def last_distance(self, ratio: float | str) -> float | None:
         """Distance between the two most recently recorded masks of `ratio` (None before two exist).
 
         This is the same quantity under both rules: the curve to plot per epoch.
@@ -355,15 +494,15 @@ class EarlyBird:
         masks = self._track(ratio).masks
         return mask_distance(masks[-2], masks[-1]) if len(masks) >= 2 else None
 
-    def queue(self, ratio: float) -> list[float]:
+    def queue(self, ratio: float | str) -> list[float]:
         """The distances the rule currently looks at (see `Ticket.distances`), oldest first."""
         return list(self._track(ratio).queue)
 
-    def masks(self, ratio: float) -> list[ChannelMask]:
+    def masks(self, ratio: float | str) -> list[ChannelMask]:
         """Every recorded mask of `ratio`, one per entry of `epochs`."""
         return list(self._track(ratio).masks)
 
-    def distance_matrix(self, ratio: float) -> torch.Tensor:
+    def distance_matrix(self, ratio: float | str) -> torch.Tensor:
         """[E, E] float64 pairwise mask distances over all recorded epochs (symmetric, zero diagonal).
 
         Entries equal `mask_distance` exactly: Hamming counts are integers computed in float64 via
@@ -378,20 +517,29 @@ class EarlyBird:
         return hamming / keep.shape[1]
 
     def summary(self) -> dict:
-        """JSON-able overview: the settings and, per ratio (keyed by str(ratio)), the EB epoch or None,
-        the last distance, the current queue's maximum, and kept_back of the ticket's mask (or of the
-        latest mask while the ticket is pending; None before any step)."""
-        ratios = {}
-        for r, track in self._tracks.items():
+        """JSON-able overview: the settings and, per ratio (under "ratios", keyed by str(ratio)) and per
+        FLOPs target (under "flops_targets", keyed by str(target)), the ticket's name, the EB epoch or None,
+        the last distance, the current queue's maximum, and of the ticket's mask (or of the latest mask
+        while the ticket is pending; None before any step) kept_back, the fraction of channels it keeps
+        and, with a FLOPs counter, the fraction of the dense forward FLOPs its network costs."""
+        blocks: dict[str, dict] = {"ratios": {}, "flops_targets": {}}
+        for key, track in self._tracks.items():
             mask = track.ticket.mask if track.ticket else (track.masks[-1] if track.masks else None)
-            ratios[str(r)] = {
+            block, value = (("ratios", track.ratio) if track.flops_target is None
+                            else ("flops_targets", track.flops_target))
+            blocks[block][str(value)] = {
+                "name": self.name(key),
                 "eb_epoch": track.ticket.epoch if track.ticket else None,
-                "last_distance": self.last_distance(r),
+                "last_distance": self.last_distance(key),
                 "queue_max": max(track.queue) if track.queue else None,
                 "kept_back": mask.kept_back if mask else None,
+                "channels_fraction": 1 - mask.num_pruned / mask.keep.numel() if mask else None,
+                "flops_fraction": self.flops_fraction(mask) if mask else None,
             }
+        if not self.flops_targets:
+            del blocks["flops_targets"]
         return {"rule": self.rule, "eps": self.eps, "queue_length": self.queue_length,
-                "min_keep": self.min_keep, "epochs_recorded": len(self._epochs), "ratios": ratios}
+                "min_keep": self.min_keep, "epochs_recorded": len(self._epochs), **blocks}
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -400,10 +548,11 @@ class EarlyBird:
 
         Only the settings, epoch labels and masks are stored; queues and tickets are derived from them.
         """
-        sizes = list(self._tracks[self.ratios[0]].masks[0].sizes) if self._epochs else []
+        sizes = list(self._tracks[self.keys[0]].masks[0].sizes) if self._epochs else []
         return {
             "version": 1,
             "ratios": list(self.ratios),
+            "flops_targets": list(self.flops_targets),
             "eps": self.eps,
             "queue_length": self.queue_length,
             "rule": self.rule,
@@ -425,7 +574,8 @@ class EarlyBird:
         """
         if state.get("version") != 1:
             raise ValueError(f"unsupported EarlyBird state version {state.get('version')!r} (expected 1)")
-        saved = {"ratios": tuple(float(r) for r in state["ratios"]), "eps": float(state["eps"]),
+        saved = {"ratios": tuple(float(r) for r in state["ratios"]),
+                 "flops_targets": tuple(float(t) for t in state.get("flops_targets", ())), "eps": float(state["eps"]),
                  "queue_length": int(state["queue_length"]), "rule": state["rule"],
                  # states saved before the per-layer floor existed drew with the floor of one channel
                  "min_keep": float(state.get("min_keep", 0.0))}
@@ -434,10 +584,10 @@ class EarlyBird:
                 raise ValueError(f"saved detector has {name}={value!r} "
                                  f"but this one has {getattr(self, name)!r}")
         self._epochs = []
-        self._tracks = {r: _Track(r) for r in self.ratios}
+        self._tracks = self._new_tracks()
         sizes = tuple(int(s) for s in state["sizes"])
         for i, epoch in enumerate(state["epochs"]):
             masks = {r: ChannelMask(keep=state["keep"][j][i].clone(), sizes=sizes,
                                     kept_back=int(state["kept_back"][j][i]))
-                     for j, r in enumerate(self.ratios)}
+                     for j, r in enumerate(self.keys)}
             self._record(int(epoch), masks)

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 __all__ = ["acc_vs_flops_figure", "distance_matrix_figure", "kept_channels_figure", "plt", "save_figure"]
 
 
-def distance_matrix_figure(matrix: torch.Tensor, epochs: Sequence[int], ratio: float,
+def distance_matrix_figure(matrix: torch.Tensor, epochs: Sequence[int], ratio: float | str,
                            eb_epoch: int | None) -> plt.Figure:
     """The paper's figure: pairwise mask distances between epochs, the EB epoch marked."""
     fig, ax = plt.subplots(figsize=(5, 4.3))
@@ -28,21 +28,21 @@ def distance_matrix_figure(matrix: torch.Tensor, epochs: Sequence[int], ratio: f
     if eb_epoch is not None:
         ax.axvline(eb_epoch, color="red", lw=1)
         ax.axhline(eb_epoch, color="red", lw=1)
-        ax.set_title(f"p = {ratio:g}: EB ticket at epoch {eb_epoch}")
+        ax.set_title(f"{_label(ratio)}: EB ticket at epoch {eb_epoch}")
     else:
-        ax.set_title(f"p = {ratio:g}: no ticket yet")
+        ax.set_title(f"{_label(ratio)}: no ticket yet")
     ax.set_xlabel("epoch")
     ax.set_ylabel("epoch")
     fig.tight_layout()
     return fig
 
 
-def kept_channels_figure(names: Sequence[str], dense: Sequence[int], kept: dict[float, Sequence[int]]) -> plt.Figure:
+def kept_channels_figure(names: Sequence[str], dense: Sequence[int], kept: dict[float | str, Sequence[int]]) -> plt.Figure:
     """Channels per prunable layer: the dense network and each ticket."""
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(names)), 3.5))
     ax.plot(range(len(dense)), dense, "k-", label="dense")
     for ratio, counts in kept.items():
-        ax.plot(range(len(counts)), counts, marker=".", label=f"p = {ratio:g}")
+        ax.plot(range(len(counts)), counts, marker=".", label=_label(ratio))
     ax.set_xlabel("prunable layer")
     ax.set_ylabel("channels")
     ax.legend()
@@ -95,3 +95,8 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
     plt.close(fig)
+
+
+def _label(key: float | str) -> str:
+    """A ratio as 'p = 0.3'; a FLOPs target's ticket by its name ('f50')."""
+    return key if isinstance(key, str) else f"p = {key:g}"

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .channel_flops import LayerCost, forward_flops
 from .monitor import Monitor
 from .train import Hook, Trainer
 
@@ -37,19 +38,6 @@ CONVENTION = ("FLOPs by torch.utils.flop_counter.FlopCounterMode: 2 per multiply
               "backward, flops_paper = 3 x forward (the paper's convention)")
 FLOPS_AXIS_UNIT = 1e6  # test/acc_vs_flops is logged at step = cumulative training FLOPs in MFLOPs
 FLOPS_AXIS_DIR = "flops"  # its own TensorBoard run inside the phase folder, see CostMeter
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """One layer that computes: its name in the model, channels (or features) in and out, its own
-    parameters, and its forward FLOPs per image."""
-
-    name: str
-    kind: str
-    in_channels: int | None
-    out_channels: int | None
-    params: int
-    forward_flops: int
 
 
 @dataclass(frozen=True)
@@ -92,29 +80,10 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...], batch_size: int
     for inputs of `input_shape` (C, H, W) at training batch size `batch_size`. `model` is not touched:
     the counting runs on a copy on the meta device."""
     shadow = copy.deepcopy(model).to("meta")
-    forward, layers = _forward_flops(shadow, input_shape)
+    forward, layers = forward_flops(shadow, input_shape)
     return ModelCost(params=sum(p.numel() for p in model.parameters()), forward_flops_per_image=forward,
                      step_flops=_step_flops(shadow, input_shape, batch_size), batch_size=batch_size,
                      layers=layers)
-
-
-def _forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, tuple[LayerCost, ...]]:
-    """Forward FLOPs of one image, in total and per leaf module that computes."""
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, *input_shape, device="meta"))
-    counts = counter.get_flop_counts()
-    root = type(model).__name__  # the counter names modules '<RootClass>.<qualified name>'
-    layers = []
-    for name, module in model.named_modules():
-        flops = sum(counts.get(f"{root}.{name}", {}).values())
-        if flops and next(module.children(), None) is None:
-            layers.append(LayerCost(
-                name=name, kind=type(module).__name__,
-                in_channels=getattr(module, "in_channels", getattr(module, "in_features", None)),
-                out_channels=getattr(module, "out_channels", getattr(module, "out_features", None)),
-                params=sum(p.numel() for p in module.parameters()), forward_flops=int(flops)))
-    return int(counter.get_total_flops()), tuple(layers)
 
 
 def _step_flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:

@@ -30,7 +30,7 @@ from .models import build_model, count_params, save_model
 from .prune import prune_channels
 from .report import drawing_epochs_panel
 from .search import cost_meter, run_search, show_progress
-from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket
+from .tickets import load_ticket, pruned_from_ticket, ratio_name, round_ticket, ticket_name
 from .train import Trainer, new_model, resolve_device, seed_everything
 
 
@@ -115,17 +115,21 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     meter = cost_meter(pruned, cfg, data, _search_flops(ticket_path))
     trainer = Trainer(pruned, data, cfg.train, device=device, out_dir=out_dir, hooks=[meter], start_epoch=start,
                       progress=show_progress(cfg), tensorboard=cfg.run.tensorboard,
-                      name=f"retrain {ratio_name(ticket['ratio'])} ({init})")
+                      name=f"retrain {ticket_name(ticket)} ({init})")
     trainer.resume()
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
+    dense = build_model(**ticket["arch"])
+    dense_flops = cost_meter(dense, cfg, data).cost.forward_flops_per_image
+    result.update(ticket=ticket_name(ticket), flops_target=ticket.get("flops_target"),
+                  flops_fraction=meter.cost.forward_flops_per_image / dense_flops)
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, **setting, precision="fp32",
                   drawn=ticket.get("drawn", False),
                   channels_kept=sum(ticket["kept_channels"]), channels_total=sum(ticket["dense_channels"]),
                   kept_per_layer=ticket["kept_channels"], kept_back=ticket["kept_back"],
                   round_channels=multiple, channels_rounded_added=ticket["channels_rounded_added"],
-                  params_dense=count_params(build_model(**ticket["arch"])), params_pruned=count_params(pruned))
+                  params_dense=count_params(dense), params_pruned=count_params(pruned))
     _save_phase(result, trainer.model, out_dir, ratio=ticket["ratio"], eb_epoch=ticket["epoch"])
     return result
 
@@ -172,9 +176,10 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
     summary["search"] = search
     summary["tickets"] = {}
     if cfg.search.retrain:
-        drawn = {ratio_name(float(r)): (float(r), v["eb_epoch"]) for r, v in search["detector"]["ratios"].items()}
+        drawn = {v.get("name", ratio_name(float(r))): v["eb_epoch"]
+                 for block in ("ratios", "flops_targets") for r, v in search["detector"].get(block, {}).items()}
         for name, path in search["tickets"].items():
-            ratio, eb_epoch = drawn[name]
+            eb_epoch = drawn[name]
             if cfg.search.init == "eb" and eb_epoch >= cfg.train.epochs:
                 if distributed.is_main():
                     print(f"ebtrain: the ticket {name} emerged at the schedule's last epoch, so no epoch is left to "
@@ -187,7 +192,7 @@ def eb_train(cfg: Config, run_dir: Path, data: DataBundle | None = None, device:
                           f"{cfg.search.rewind_epoch}: rewinding goes back to at most a ticket's EB epoch, so it is "
                           "not retrained", file=sys.stderr, flush=True)
                 continue
-            out = rundir.retrain_dir(run_dir, ratio, cfg.search.init, cfg.search.rewind_epoch, cfg.search.reinit_seed)
+            out = rundir.retrain_dir(run_dir, name, cfg.search.init, cfg.search.rewind_epoch, cfg.search.reinit_seed)
             summary["tickets"][name] = retrain_ticket(cfg, run_dir / path, out, data, device, cfg.search.init)
         summary["tickets"].update(_retrain_drawn(cfg, run_dir, search, data, device))
     if cfg.search.baseline:

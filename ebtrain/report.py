@@ -6,10 +6,14 @@ from its lottery.json (`lottery_rows`). Columns:
 
     run            the run directory's name
     method         dense (the baseline), EB-Train (from the EB weights), EB re-init, EB rewind (to the
-                   initialization; 'EB rewind (epoch 5)' to epoch 5 of the search)
-    ratio          the channel pruning ratio of the ticket
+                   initialization; 'EB rewind (epoch 5)' to epoch 5 of the search); '(drawn)': drawn at a
+                   fixed epoch (--draw-epochs)
+    ticket         the ticket's name: p30 for channel ratio 0.3, f50 for FLOPs target 0.5
+    ratio          the fraction of prunable channels the ticket prunes (a ratio ticket: its ratio)
     eb_epoch       the epoch at which the ticket emerged
     channels       prunable channels kept / in the dense network
+    channels_fraction  the fraction of prunable channels kept
+    flops_fraction the trained network's forward FLOPs per image over the dense network's
     params         parameters of the trained network
     final_acc      test accuracy after the last epoch, in %; best_acc the best epoch's
     search_epochs  epochs of the dense search; train_epochs epochs of this row's own training
@@ -38,9 +42,10 @@ from .config import resolve_milestones
 from .figures import acc_vs_flops_figure, drawing_epochs_figure, save_figure
 from .flops import baseline_cost, ticket_cost
 from .rundir import LOTTERY_FILE, SUMMARY_FILE
-from .tickets import load_ticket
+from .tickets import load_ticket, ratio_name
 
-COLUMNS = ("run", "method", "ratio", "eb_epoch", "channels", "params", "final_acc", "best_acc",
+COLUMNS = ("run", "method", "ticket", "ratio", "eb_epoch", "channels", "channels_fraction", "flops_fraction",
+           "params", "final_acc", "best_acc",
            "search_epochs", "train_epochs", "train_flops", "savings", "savings_paper", "seconds",
            "train_flops_alone", "savings_alone", "savings_alone_paper", "seconds_alone")
 FORMATS = ("text", "markdown", "csv", "json")
@@ -99,13 +104,18 @@ def summary_rows(summary: dict, run: str = "", retrains: Iterable[dict] = ()) ->
     if trained is not None:
         full = dense and {"flops": dense["flops"], "savings": 1.0, "savings_paper": 1.0}
         rows.append(_row(run, "dense", trained, params=trained.get("params"), **_costs(full)))
-    # a ticket drawn at a fixed epoch (--draw-epochs) is its own row beside the detector's of that ratio
-    tickets = {(t["init"] != "eb", method_label(t), t["ratio"], t["eb_epoch"] if t.get("drawn") else -1): t
+    # a row per method and ticket; a ticket drawn at a fixed epoch (--draw-epochs) beside the detector's
+    tickets = {(t["init"] != "eb", method_label(t), t.get("ticket", ratio_name(t["ratio"])),
+                t["eb_epoch"] if t.get("drawn") else -1): t
                for t in [*summary.get("tickets", {}).values(), *retrains]}
-    for (_, method, ratio, _), t in sorted(tickets.items(), key=lambda item: item[0]):
+    for (_, method, name, _), t in sorted(tickets.items(), key=lambda item: (
+            item[0][:2], item[0][2][0] != "p", item[1]["ratio"], item[0][3])):
         spent = ticket_cost(search_cost, t, dense) if search_cost and "cost" in t else None
-        row = _row(run, method, t, ratio=ratio, eb_epoch=t["eb_epoch"],
-                   channels=f"{t['channels_kept']}/{t['channels_total']}", params=t["params_pruned"],
+        flops = t.get("flops_fraction")
+        row = _row(run, method, t, ticket=name, ratio=round(t["ratio"], 4),
+                   eb_epoch=t["eb_epoch"], channels=f"{t['channels_kept']}/{t['channels_total']}",
+                   channels_fraction=round(t["channels_kept"] / t["channels_total"], 4),
+                   flops_fraction=None if flops is None else round(flops, 4), params=t["params_pruned"],
                    search_epochs=search.get("epochs_trained"),
                    seconds=round(search.get("seconds", 0.0) + t["seconds"], 1), **_costs(spent))
         rows.append(row)

@@ -22,6 +22,11 @@ from .config import Config, apply_overrides, dump_yaml, flag, load_yaml
 from .errors import UserError
 from .tickets import ratio_name
 
+
+def _name(ratio: float | str) -> str:
+    """A ticket's name: 'p30' for ratio 0.3; a name ('f50') as it is."""
+    return ratio if isinstance(ratio, str) else ratio_name(ratio)
+
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 LOTTERY_FILE = "lottery.json"  # a lottery run's summary (ebtrain.lottery)
@@ -41,14 +46,14 @@ def tickets_dir(run_dir: Path) -> Path:
     return run_dir / "tickets"
 
 
-def ticket_file(run_dir: Path, ratio: float) -> Path:
-    """RUN/tickets/p30.pt for ratio 0.3."""
-    return tickets_dir(run_dir) / f"{ratio_name(ratio)}.pt"
+def ticket_file(run_dir: Path, ratio: float | str) -> Path:
+    """RUN/tickets/p30.pt for ratio 0.3, RUN/tickets/f50.pt for the ticket named 'f50' (FLOPs target 0.5)."""
+    return tickets_dir(run_dir) / f"{_name(ratio)}.pt"
 
 
-def drawn_ticket_name(ratio: float, epoch: int) -> str:
+def drawn_ticket_name(ratio: float | str, epoch: int) -> str:
     """'p30-e10': the ticket of ratio 0.3 drawn at epoch 10 by --draw-epochs (not by the detector)."""
-    return f"{ratio_name(ratio)}-e{epoch}"
+    return f"{_name(ratio)}-e{epoch}"
 
 
 def drawn_ticket_file(run_dir: Path, ratio: float, epoch: int) -> Path:
@@ -57,15 +62,15 @@ def drawn_ticket_file(run_dir: Path, ratio: float, epoch: int) -> Path:
 
 
 def ticket_files(run_dir: Path) -> dict[str, Path]:
-    """Every Early-Bird ticket file of a run by name ('p30'), in name order (not the pruned models `prune`
-    writes there, nor the tickets drawn at fixed epochs)."""
-    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("p*.pt"))
-            if re.fullmatch(r"p[0-9.]+(e-[0-9]+)?", p.stem)}
+    """Every Early-Bird ticket file of a run by name ('p30', 'f50'), in name order (not the pruned models
+    `prune` writes there, nor the tickets drawn at fixed epochs)."""
+    return {p.stem: p for p in sorted(tickets_dir(run_dir).glob("*.pt"))
+            if re.fullmatch(r"[pf][0-9.]+(e-[0-9]+)?", p.stem)}
 
 
-def pruned_model_file(ticket: str | Path, ratio: float) -> Path:
+def pruned_model_file(ticket: str | Path, ratio: float | str) -> Path:
     """Where `ebtrain prune` writes a ticket's pruned network by default: beside it, RUN/tickets/p30-pruned.pt."""
-    return Path(ticket).with_name(f"{ratio_name(ratio)}-pruned.pt")
+    return Path(ticket).with_name(f"{_name(ratio)}-pruned.pt")
 
 
 def run_of_ticket(ticket: str | Path) -> Path:
@@ -79,13 +84,14 @@ def rewind_file(run_dir: Path, epoch: int) -> Path:
     return run_dir / (INIT_FILE if epoch == 0 else f"rewind{epoch}.pt")
 
 
-def retrain_dir(run_dir: Path, ratio: float, init: str = "eb", rewind_epoch: int = 0, reinit_seed: int = -1,
+def retrain_dir(run_dir: Path, ratio: float | str, init: str = "eb", rewind_epoch: int = 0, reinit_seed: int = -1,
                 drawn_at: int | None = None) -> Path:
-    """RUN/retrain/p30 for a ticket retrained from its EB weights, RUN/retrain/p30-reinit for init 'reinit'
-    (p30-reinit-seed7 with --reinit-seed 7), p30-rewind for 'rewind' to the initialization (p30-rewind5 to
-    epoch 5): a folder per setting the result depends on, so one retrain never stands in for another.
-    A ticket drawn at a fixed epoch (--draw-epochs) is named by it: p30-e10, p30-e10-reinit, ..."""
-    name = ratio_name(ratio) if drawn_at is None else drawn_ticket_name(ratio, drawn_at)
+    """RUN/retrain/p30 for a ticket retrained from its EB weights (a ratio, or a ticket's name: RUN/retrain/f50),
+    RUN/retrain/p30-reinit for init 'reinit' (p30-reinit-seed7 with --reinit-seed 7), p30-rewind for 'rewind'
+    to the initialization (p30-rewind5 to epoch 5): a folder per setting the result depends on, so one
+    retrain never stands in for another. A ticket drawn at a fixed epoch (--draw-epochs) is named by it:
+    p30-e10, p30-e10-reinit, ..."""
+    name = _name(ratio) if drawn_at is None else drawn_ticket_name(ratio, drawn_at)
     if init != "eb":
         name += f"-{init}"
     if init == "rewind" and rewind_epoch:
@@ -104,8 +110,8 @@ def baseline_dir(run_dir: Path) -> Path:
     return run_dir / "baseline"
 
 
-def distance_figure(run_dir: Path, ratio: float) -> Path:
-    return search_dir(run_dir) / f"distance_{ratio_name(ratio)}.png"
+def distance_figure(run_dir: Path, ratio: float | str) -> Path:
+    return search_dir(run_dir) / f"distance_{_name(ratio)}.png"
 
 
 def kept_channels_figure(run_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 """The Early-Bird search: train the dense network with the L1 penalty on the BatchNorm weights, draw the
-masks after every epoch, save each ratio's ticket as it emerges, stop when all have.
+masks after every epoch, save each ratio's (and FLOPs target's) ticket as it emerges, stop when all have.
 
-    result = run_search(cfg, run_dir, data, device)   # RUN/search/, RUN/tickets/pNN.pt, RUN/init.pt
+    result = run_search(cfg, run_dir, data, device)   # RUN/search/, RUN/tickets/pNN.pt (fNN.pt), RUN/init.pt
 
 With --rewind-epoch K it also saves the dense weights after epoch K (RUN/rewindK.pt) for `--init rewind`.
 
@@ -21,28 +21,47 @@ import torch.nn as nn
 from . import checkpoint, distributed, rundir
 from .config import Config
 from .data import DataBundle
+from .channel_flops import ChannelFlops
 from .earlybird import EarlyBird, Ticket, channel_scores, draw_mask, prunable_bns
 from .flops import CostMeter, detector_ops, measure_cost
 from .figures import distance_matrix_figure, kept_channels_figure, save_figure
 from .quant import BFPTraining
-from .tickets import ratio_name, save_ticket
+from .tickets import save_ticket, ticket_label
 from .train import Hook, Trainer, new_model
 
 
 class L1Sparsity(Hook):
     """Network slimming's sparsity: after backward, grad(gamma) += strength * sign(gamma) on prunable BNs.
 
+    `scales` (one float per prunable BN, or None for all 1) weighs each layer's penalty:
+    grad(gamma_c) += strength * scale_c * sign(gamma_c); `flops_scales` gives MorphNet's FLOPs weights.
     Under torchrun DDP has averaged the gradients over the ranks by the time backward returns, so the
     penalty is added once, to the averaged gradient, and alike on every rank (the weights are the same).
     """
 
-    def __init__(self, model: nn.Module, strength: float):
+    def __init__(self, model: nn.Module, strength: float, scales: list[float] | None = None):
         self.weights = [bn.weight for _, bn in prunable_bns(model)]
         self.strength = strength
+        self.scales = scales
 
     def after_backward(self, trainer: Trainer) -> None:
         grads = [w.grad for w in self.weights]
-        torch._foreach_add_(grads, torch._foreach_sign([w.detach() for w in self.weights]), alpha=self.strength)
+        signs = torch._foreach_sign([w.detach() for w in self.weights])
+        if self.scales is not None:
+            torch._foreach_mul_(signs, self.scales)
+        torch._foreach_add_(grads, signs, alpha=self.strength)
+
+
+def flops_scales(counter: ChannelFlops) -> list[float]:
+    """Per prunable layer, the weight of its channels' L1 penalty under `--sparsity-weight flops` (MorphNet's
+    FLOPs regularizer, Gordon et al. 2018): the forward FLOPs one channel costs in the dense network (its
+    conv's output map plus the next layer's input slice, `ChannelFlops.channel_costs`), divided by the mean
+    of that cost over all prunable channels, so the mean weight is 1 and --sparsity keeps its scale."""
+    costs = counter.channel_costs()
+    mean = sum(c * n for c, n in zip(costs, counter.sizes)) / sum(counter.sizes)
+    if mean == 0:
+        raise ValueError("no prunable channel costs any FLOPs: nothing to weigh the penalty by")
+    return [c / mean for c in costs]
 
 
 class EarlyBirdHook(Hook):
@@ -66,20 +85,21 @@ class EarlyBirdHook(Hook):
 
     def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         for ticket in self.step(epoch):
-            path = save_ticket(ticket, trainer.model, rundir.ticket_file(self.run_dir, ticket.ratio))
-            print(f"Early-Bird ticket for p = {ticket.ratio:g} emerged at epoch {epoch}: {path}",
+            path = save_ticket(ticket, trainer.model, rundir.ticket_file(self.run_dir, ticket.name))
+            print(f"Early-Bird ticket for {ticket_label(ticket)} emerged at epoch {epoch}: {path}",
                   file=sys.stderr, flush=True)
-            self.draw(trainer, epoch, ticket.ratio)
+            self.draw(trainer, epoch, ticket.key)
         if epoch in self.draw_epochs and distributed.is_main():
             self.draw_tickets(trainer.model, epoch)
-        for ratio in self.detector.ratios:
-            tag = f"eb/{ratio_name(ratio)}"
-            distance = self.detector.last_distance(ratio)
-            queue = self.detector.queue(ratio)
+        for key in self.detector.keys:
+            name = self.detector.name(key)
+            tag = f"eb/{name}"
+            distance = self.detector.last_distance(key)
+            queue = self.detector.queue(key)
             values = {}
             if distance is not None:
                 values[f"{tag}/distance"] = distance
-                metrics[f"eb_{ratio_name(ratio)}_distance"] = distance
+                metrics[f"eb_{name}_distance"] = distance
             if queue:
                 values[f"{tag}/queue_max"] = max(queue)
             trainer.monitor.scalars(epoch, values)
@@ -97,13 +117,16 @@ class EarlyBirdHook(Hook):
             ticket = Ticket(ratio, epoch, draw_mask(scores, ratio, self.detector.min_keep), [])
             save_ticket(ticket, model, rundir.drawn_ticket_file(self.run_dir, ratio, epoch), drawn=True)
 
-    def draw(self, trainer: Trainer, epoch: int, ratio: float) -> None:
-        """The epoch-by-epoch mask-distance matrix, to TensorBoard and as PNG in the search folder."""
-        ticket = self.detector.emerged.get(ratio)
-        fig = distance_matrix_figure(self.detector.distance_matrix(ratio), self.detector.epochs, ratio,
+    def draw(self, trainer: Trainer, epoch: int, key: float | str) -> None:
+        """The epoch-by-epoch mask-distance matrix of a ratio or a ticket name ('f50'), to TensorBoard and
+        as PNG in the search folder."""
+        name = self.detector.name(key)
+        ticket = next((t for t in self.detector.emerged.values() if t.name == name), None)
+        fig = distance_matrix_figure(self.detector.distance_matrix(key), self.detector.epochs,
+                                     key if isinstance(key, float) else name,
                                      ticket.epoch if ticket else None)
-        trainer.monitor.figure(f"eb/{ratio_name(ratio)}/distance_matrix", fig, epoch)
-        save_figure(fig, rundir.distance_figure(self.run_dir, ratio))
+        trainer.monitor.figure(f"eb/{name}/distance_matrix", fig, epoch)
+        save_figure(fig, rundir.distance_figure(self.run_dir, name))
 
     def state_dict(self) -> dict:
         return self.detector.state_dict()
@@ -147,11 +170,14 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
     if distributed.is_main() and not (run_dir / rundir.INIT_FILE).exists():
         checkpoint.atomic_save(model.state_dict(), run_dir / rundir.INIT_FILE)
     s = cfg.search
+    weighted = s.sparsity > 0 and s.sparsity_weight == "flops"
+    counter = ChannelFlops(model, tuple(data.train.images.shape[1:])) if s.flops_targets or weighted else None
     detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
-                         min_keep=s.min_keep)
+                         min_keep=s.min_keep, flops_targets=s.flops_targets, flops_counter=counter)
     max_epochs = s.max_search_epochs or cfg.train.epochs
     meter = cost_meter(model, cfg, data)  # before BFP hooks attach: FLOPs are counted at full precision
-    hooks: list[Hook] = [L1Sparsity(model, s.sparsity)] if s.sparsity > 0 else []
+    scales = flops_scales(counter) if weighted else None
+    hooks: list[Hook] = [L1Sparsity(model, s.sparsity, scales)] if s.sparsity > 0 else []
     if s.precision == "bfp8":  # rounds the weights at once: init.pt above keeps the fp32 initialization
         hooks.append(BFPTraining(model, bits=s.bits, seed=cfg.train.seed, device=device))
     if s.rewind_epoch:
@@ -166,24 +192,24 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
         eb_hook.step(0)  # the mask at initialization starts the distance matrix
     result = trainer.fit()
     channels = [bn.num_features for _, bn in prunable_bns(model)]
-    cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.ratios),
+    cost = {**meter.finish(trainer), "detector_ops": detector_ops(sum(channels), len(detector.keys),
                                                                   len(detector.epochs)),
             # a bfp search's multiply-adds are 8-bit (or --bits) operations, not fp32 ones
             "flops_precision": "fp32" if s.precision == "fp32" else f"bfp{s.bits}"}
     result.update(precision=s.precision, **({"bits": s.bits} if s.precision == "bfp8" else {}))
     result.update(cost=cost, detector=detector.summary(), pending=detector.pending,
-                  tickets={ratio_name(r): str(rundir.ticket_file(Path(), r)) for r in detector.emerged},
+                  tickets={t.name: str(rundir.ticket_file(Path(), t.name)) for t in detector.emerged.values()},
                   drawn_tickets={rundir.drawn_ticket_name(r, e): str(rundir.drawn_ticket_file(Path(), r, e))
                                  for e in eb_hook.draw_epochs if e <= trainer.epoch for r in detector.ratios})
     if distributed.is_main():
-        for ratio in detector.ratios:
-            eb_hook.draw(trainer, trainer.epoch, ratio)
+        for key in detector.keys:
+            eb_hook.draw(trainer, trainer.epoch, key)
         names = [name for name, _ in prunable_bns(model)]
-        kept = {t.ratio: t.mask.kept_per_layer() for t in detector.emerged.values()}
+        kept = {t.key: t.mask.kept_per_layer() for t in detector.emerged.values()}
         save_figure(kept_channels_figure(names, channels, kept), rundir.kept_channels_figure(run_dir))
         if detector.pending:
-            last = ", ".join(f"p = {r:g}: last distances {[round(d, 4) for d in detector.queue(r)]}"
-                             for r in detector.pending)
+            last = ", ".join(f"{f'p = {k:g}' if isinstance(k, float) else k}: last distances {[round(d, 4) for d in detector.queue(k)]}"
+                             for k in detector.pending)
             print(f"No Early-Bird ticket emerged within {trainer.epoch} epochs for {last} (eps = {s.eps:g}); "
                   "raise --eps or --max-search-epochs to find one", file=sys.stderr, flush=True)
         checkpoint.atomic_write_json(result, out_dir / rundir.RESULT_FILE)

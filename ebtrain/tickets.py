@@ -2,7 +2,10 @@
 
 A ticket file (RUN/tickets/pNN.pt, see rundir.py for where) is a dict:
     kind            "ebtrain-ticket"
-    ratio, epoch    the pruning ratio and the epoch the ticket emerged at
+    ratio, epoch    the pruning ratio and the epoch the ticket emerged at (a FLOPs target's ticket: the
+                    fraction of channels its mask prunes)
+    flops_target, flops_fraction   the FLOPs target (None for a ratio's ticket) and the pruned network's
+                    forward FLOPs over the dense network's (None when the search counted none)
     layers          names of the prunable BatchNorm layers, in order
     keep            one bool tensor per layer: the channel mask
     kept_channels, dense_channels, kept_back   channels kept and in the dense network per layer; how many
@@ -20,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from . import checkpoint, distributed
-from .earlybird import Ticket, channel_scores, prunable_bns
+from .earlybird import Ticket, channel_scores, prunable_bns, ratio_name, target_name
 from .errors import UserError
 from .models import build_model
 from .prune import kept_channels, prune_channels, round_keep
@@ -28,9 +31,17 @@ from .prune import kept_channels, prune_channels, round_keep
 TICKET_KIND = "ebtrain-ticket"
 
 
-def ratio_name(ratio: float) -> str:
-    """0.3 -> 'p30': the name of a ratio's ticket (its file, its retrain folder, its keys and tags)."""
-    return f"p{ratio * 100:g}"
+def ticket_name(ticket: dict) -> str:
+    """The name of a ticket read from its file: 'p30' for ratio 0.3, 'f50' for FLOPs target 0.5."""
+    target = ticket.get("flops_target")
+    return ratio_name(ticket["ratio"]) if target is None else target_name(target)
+
+
+def ticket_label(ticket: dict | Ticket) -> str:
+    """What a message calls a ticket: 'p = 0.3', or 'FLOPs target 0.5'."""
+    target = ticket.flops_target if isinstance(ticket, Ticket) else ticket.get("flops_target")
+    ratio = ticket.ratio if isinstance(ticket, Ticket) else ticket["ratio"]
+    return f"p = {ratio:g}" if target is None else f"FLOPs target {target:g}"
 
 
 def save_ticket(ticket: Ticket, model: nn.Module, path: Path, drawn: bool = False) -> Path:
@@ -42,6 +53,7 @@ def save_ticket(ticket: Ticket, model: nn.Module, path: Path, drawn: bool = Fals
         "keep": ticket.mask.per_layer(), "kept_channels": ticket.mask.kept_per_layer(),
         "dense_channels": list(ticket.mask.sizes), "kept_back": ticket.mask.kept_back,
         "distances": ticket.distances, "arch": model.arch, "drawn": drawn,
+        "flops_target": ticket.flops_target, "flops_fraction": ticket.flops_fraction,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }, path)
     return path
@@ -69,7 +81,7 @@ def dense_from_ticket(ticket: dict) -> nn.Module:
     """The dense network with the ticket's weights, those at the EB epoch; UserError if the weights or
     the masks do not fit the ticket's arch (a damaged ticket, or one edited by hand)."""
     dense = build_model(**ticket["arch"])
-    what = f"the ticket for p = {ticket['ratio']:g} does not fit its arch {ticket['arch']['name']}"
+    what = f"the ticket for {ticket_label(ticket)} does not fit its arch {ticket['arch']['name']}"
     try:
         dense.load_state_dict(ticket["state_dict"])
     except RuntimeError as e:

@@ -13,7 +13,7 @@ from .data import DataBundle
 from .earlybird import prunable_bns
 from .errors import UserError
 from .models import build_model, list_models
-from .tickets import ratio_name
+from .tickets import ratio_name, target_name
 
 
 def validate(cfg: Config) -> None:
@@ -81,17 +81,23 @@ def check_model(cfg: Config, data: DataBundle, early_bird: bool) -> None:
 
 
 def check_ticket_names(cfg: Config) -> None:
-    """Each ratio of the search gets a ticket file of its own (p30.pt for 0.3)."""
-    ratios = cfg.search.ratios
-    names = [ratio_name(r) for r in ratios]
-    if len(set(names)) < len(names):
-        raise UserError(f"--ratios {_values(ratios)}: each ratio once (ratios that round to the same percent share "
-                        f"a ticket file: {', '.join(names)})")
+    """Each ratio and FLOPs target of the search gets a ticket file of its own (p30.pt for 0.3, f50.pt for a
+    FLOPs target of 0.5), and the search has at least one of them."""
+    s = cfg.search
+    if not s.ratios and not s.flops_targets:
+        raise UserError("--ratios is empty and no --flops-targets are given: name at least one pruning ratio or "
+                        "FLOPs target in (0, 1) to draw a ticket for")
+    for flag_name, what, values, name in (("--ratios", "ratio", s.ratios, ratio_name),
+                                          ("--flops-targets", "target", s.flops_targets, target_name)):
+        names = [name(v) for v in values]
+        if len(set(names)) < len(names):
+            raise UserError(f"{flag_name} {_values(values)}: each {what} once ({what}s that round to the same percent "
+                            f"share a ticket file: {', '.join(names)})")
 
 
 def _values(values: list) -> str:
     """A list of numbers as the flag takes it: [0.3, 1.5] -> '0.3 1.5'."""
-    return " ".join(f"{v:g}" for v in values)
+    return " ".join(f"{v:.10g}" for v in values)
 
 
 def check_ticket_fits(cfg: Config, data: DataBundle, ticket: dict, path: str) -> None:

@@ -141,7 +141,7 @@ def test_defaults_are_within_every_declared_bound():
 
 @pytest.mark.parametrize("section,name,value,message", [
     ("search", "eps", 1.0, "--eps 1.0: must lie in (0, 1)"),
-    ("search", "ratios", [], "--ratios: give at least one value in (0, 1)"),
+    ("search", "flops_targets", [0.5, 1.5], "--flops-targets 0.5 1.5: each must lie in (0, 1)"),
     ("search", "bits", 1, "--bits 1: must lie in [2, 24]"),
     ("train", "weight_decay", -1e-4, "--weight-decay -0.0001: must be 0 or more"),
     ("model", "width", 0.0, "--width 0.0: must be a positive number"),

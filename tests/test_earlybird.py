@@ -512,8 +512,8 @@ def test_queries_before_and_after_steps_and_summary_is_json():
     assert detector.last_distance(0.5) == 1.0
     assert detector.queue(0.5) == [1.0, 1.0]
     summary = json.loads(json.dumps(detector.summary()))
-    assert summary["ratios"]["0.5"] == {"eb_epoch": None, "last_distance": 1.0, "queue_max": 1.0,
-                                        "kept_back": 0}
+    assert summary["ratios"]["0.5"] == {"name": "p50", "eb_epoch": None, "last_distance": 1.0, "queue_max": 1.0,
+                                        "kept_back": 0, "channels_fraction": 0.5, "flops_fraction": None}
     with pytest.raises(ValueError, match="not tracked"):
         detector.queue(0.3)
 
