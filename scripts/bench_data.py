@@ -1,10 +1,10 @@
 """Data loading against training: can ebtrain's loaders feed the model on this machine?
 
-    python scripts/bench_data.py --folder /tmp/bench-jpg --out bench_data.json
-    python scripts/bench_data.py --source DIR --folder /tmp/bench-jpg --images 5000 --workers 4 --image-size 64
+    python scripts/bench_data.py --source cifar10-jpg --folder bench-jpg --out bench_data.json
+    python scripts/bench_data.py --source DIR --folder bench-jpg --images 5000 --workers 4 --image-size 64
 
 1. A folder of --images JPEGs of varying sizes: pictures of --source (an image folder, DIR/<class>/* or
-   DIR/train/<class>/*; by default the CIFAR-10 copy), each resized to a random width and height between
+   DIR/train/<class>/*, e.g. the CIFAR-10 copy extracted), each resized to a random width and height between
    100 and 500 pixels (seeded), as --folder/train/<class>/*.jpg (every tenth of each class, the first included, in test/).
    Written once: a folder already holding them is reused.
 2. The loaders' images per second over one pass of the training split, each timed alone: the streaming
@@ -43,7 +43,6 @@ from ebtrain.models import build_model  # noqa: E402
 from ebtrain.stream import StreamLoader, eval_transform  # noqa: E402
 from ebtrain.train import Hook, Trainer, resolve_device  # noqa: E402
 
-DEFAULT_SOURCE = "/work/data/cifar10-jpg"
 SIDES = (100, 500)  # the range of each generated image's width and height, in pixels
 TEST_SHARE = 10  # one image in TEST_SHARE of each class goes to test/
 TARGET_RATIO = 1.5
@@ -51,7 +50,7 @@ TARGET_RATIO = 1.5
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=DEFAULT_SOURCE, help="image folder the pictures are taken from")
+    p.add_argument("--source", required=True, help="image folder the pictures are taken from")
     p.add_argument("--folder", default="bench-data-jpg", help="where the generated JPEGs are written (once)")
     p.add_argument("--images", type=int, default=2000, help="JPEGs to generate")
     p.add_argument("--seed", type=int, default=0)
