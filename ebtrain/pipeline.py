@@ -25,6 +25,7 @@ from .config import Config, load_yaml, rounding_multiple
 from .data import DataBundle, derived_seed, load_data
 from .errors import UserError
 from .figures import drawing_epochs_figure, save_figure
+from .channel_flops import forward_flops
 from .flops import run_cost, search_total
 from .models import build_model, count_params, save_model
 from .prune import prune_channels
@@ -120,8 +121,8 @@ def retrain_ticket(cfg: Config, ticket_path: Path, out_dir: Path, data: DataBund
     result = trainer.fit()
     trainer.monitor.close()
     result.update(cost=meter.finish(trainer))
-    dense = build_model(**ticket["arch"])
-    dense_flops = cost_meter(dense, cfg, data).cost.forward_flops_per_image
+    dense = build_model(**ticket["arch"]).to("meta")  # shapes only: its forward FLOPs and parameter count
+    dense_flops, _ = forward_flops(dense, data.input_shape)
     result.update(ticket=ticket_name(ticket), flops_target=ticket.get("flops_target"),
                   flops_fraction=meter.cost.forward_flops_per_image / dense_flops)
     result.update(ratio=ticket["ratio"], eb_epoch=ticket["epoch"], init=init, **setting, precision="fp32",

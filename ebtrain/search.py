@@ -171,7 +171,7 @@ def run_search(cfg: Config, run_dir: Path, data: DataBundle, device: torch.devic
         checkpoint.atomic_save(model.state_dict(), run_dir / rundir.INIT_FILE)
     s = cfg.search
     weighted = s.sparsity > 0 and s.sparsity_weight == "flops"
-    counter = ChannelFlops(model, tuple(data.train.images.shape[1:])) if s.flops_targets or weighted else None
+    counter = ChannelFlops(model, data.input_shape) if s.flops_targets or weighted else None
     detector = EarlyBird(model, ratios=s.ratios, eps=s.eps, queue_length=s.queue_length, rule=s.eb_rule,
                          min_keep=s.min_keep, flops_targets=s.flops_targets, flops_counter=counter)
     max_epochs = s.max_search_epochs or cfg.train.epochs
