@@ -199,7 +199,7 @@ def _retrain(args: argparse.Namespace) -> None:
 def _lottery(args: argparse.Namespace) -> None:
     from . import lottery
     p = _prepare(args, check_data=lottery.check_config)  # lottery.check_config before the run folder
-    summary = lottery.run_lottery(p.cfg, p.run_dir, p.data)
+    summary = lottery.run_lottery(p.cfg, p.run_dir, p.data, p.device)
     print(lottery.format_table(summary), end="")
     print(f"results: {p.run_dir / lottery.LOTTERY_FILE}, plots: {p.run_dir / 'lottery_accuracy.png'}, "
           f"{p.run_dir / 'lottery_early_stop.png'}", file=sys.stderr)

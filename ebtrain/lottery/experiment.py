@@ -91,9 +91,11 @@ def check_config(cfg: Config, data: DataBundle) -> None:
         load_eb_ticket(L.eb_ticket, template)
 
 
-def run_lottery(cfg: Config, run_dir: Path, data: DataBundle | None = None) -> dict:
-    """The whole experiment: every round, then the analyses; writes and returns lottery.json's content."""
-    device = resolve_device(cfg.train.device)
+def run_lottery(cfg: Config, run_dir: Path, data: DataBundle | None = None,
+                device: torch.device | None = None) -> dict:
+    """The whole experiment: every round, then the analyses; writes and returns lottery.json's content.
+    `data` and `device` default to those the settings name."""
+    device = device or resolve_device(cfg.train.device)
     data = data or load_data(cfg.data, seed=cfg.train.seed)
     check_config(cfg, data)
     L = cfg.lottery
