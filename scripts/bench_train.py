@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"default, {GPU_ROUND_CHANNELS})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="ebtrain's step: eager, and captured (compiled; on CUDA replayed as CUDA graphs)")
-    p.add_argument("--profile-steps", type=int, default=5, help="steps of the dense network traced by "
+    p.add_argument("--profile-steps", type=int, default=5, help="steps of each network traced by "
                    "torch.profiler in each mode, for the top kernels and the device's idle share (0: none)")
     p.add_argument("--ticket", nargs="+", default=[], help="ticket files (RUN/tickets/pNN.pt) to time instead "
                    "of masks drawn from random BN weights, for the architecture they belong to")
@@ -165,19 +165,25 @@ class StepTimer(Hook):
 
 
 def profile_summary(timer: StepTimer, device: torch.device, top: int = 10) -> dict:
-    """The top operators of the traced steps by their own time on the device (the CPU's on a CPU), and on
-    a GPU the share of the traced wall time in which no kernel ran (kernels of one stream do not overlap)."""
+    """The top kernels of the traced steps by their time on the device (the top operators by their own CPU
+    time on a CPU), and on a GPU the share of the traced wall time in which no kernel ran (kernels of one
+    stream do not overlap). Only the device's own events count: an operator on the host also carries the
+    device time of the kernels it launched, which would count them twice. The profiler slows the host,
+    so the idle share of traced steps is an upper bound for untraced ones."""
     events = timer.profiler.key_averages()
     cuda = device.type == "cuda"
+    if cuda:
+        events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
 
     def own_us(e) -> float:
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
     ranked = sorted(events, key=own_us, reverse=True)[:top]
-    busy_us = sum(e.self_device_time_total for e in events) if cuda else None
+    busy_us = sum(map(own_us, events))
     wall_us = timer.profile_seconds * 1e6
     return {"steps": timer.profile_steps, "wall_seconds": timer.profile_seconds,
             "clock": "device kernels" if cuda else "CPU operators",
+            "device_ms_per_step": busy_us / 1e3 / timer.profile_steps if cuda else None,
             "top": [{"name": e.key, "calls": e.count, "own_ms": own_us(e) / 1e3,
                      "share_of_wall": own_us(e) / wall_us} for e in ranked],
             "device_idle_share": max(0.0, 1 - busy_us / wall_us) if cuda else None}
@@ -206,6 +212,7 @@ def time_ebtrain(model: nn.Module, data: DataBundle, args: argparse.Namespace, n
                  profile: bool = False) -> tuple[float, dict | None]:
     """(seconds per training step of a copy of `model` in ebtrain's Trainer with the `mode` step, the
     profile of --profile-steps more steps when `profile`)."""
+    torch._dynamo.reset()  # each network compiles afresh: one process times many, past dynamo's recompile limit
     timer = StepTimer(args.warmup, args.steps, args.profile_steps if profile else 0)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=LR, milestones=[], device=str(args.device),
                       compile="on" if mode == "captured" else "off")
@@ -296,14 +303,16 @@ def time_tickets(arch: str, model: nn.Module, data: DataBundle, args: argparse.N
             rounded = round_keep(keep, scores, multiple)
             pruned = prune_channels(dense, rounded)
             label = "drawn" if multiple == 1 else f"rounded_{multiple}"
-            seconds = {mode: time_ebtrain(pruned, data, args, f"{arch} {ratio_name(ratio)} {label}", mode)[0]
-                       for mode in args.modes}
+            timed = {mode: time_ebtrain(pruned, data, args, f"{arch} {ratio_name(ratio)} {label}", mode,
+                                        profile=args.profile_steps > 0) for mode in args.modes}
+            seconds = {mode: step for mode, (step, _) in timed.items()}
             row[label] = {"channels": sum(kept_channels(rounded)), "channels_total": total,
                           "channels_added": sum(kept_channels(rounded)) - sum(kept_channels(keep)),
                           "train_flops_ratio": measure_cost(pruned, IMAGE_SHAPE, args.batch_size)
                           .train_flops_per_image / dense_flops,
                           "step_seconds": seconds,
-                          "step_ratio": {mode: seconds[mode] / dense_seconds[mode] for mode in args.modes}}
+                          "step_ratio": {mode: seconds[mode] / dense_seconds[mode] for mode in args.modes},
+                          "profile": {mode: profile for mode, (_, profile) in timed.items()}}
         out["ratios"][ratio_name(ratio)] = row
     return out
 
@@ -354,7 +363,8 @@ def print_summary(report: dict) -> None:
                   f"{m['tflops_per_s']:.2f} TFLOP/s{mfu}), x{f['speedup_over_reference'][mode]:.2f} the reference")
             profile = f["profile"].get(mode)
             if profile and profile["device_idle_share"] is not None:
-                print(f"    device idle {100 * profile['device_idle_share']:.0f}% of the traced steps")
+                print(f"    device busy {profile['device_ms_per_step']:.2f} ms per step, idle "
+                      f"{100 * profile['device_idle_share']:.0f}% of the traced steps")
         for name, row in f["tickets"]["ratios"].items():
             cells = "; ".join(f"{label} (FLOPs x{r['train_flops_ratio']:.2f}, +{r['channels_added']} ch): "
                               + ", ".join(f"{mode} x{r['step_ratio'][mode]:.2f}" for mode in report["modes"])
@@ -380,8 +390,10 @@ def main(argv: list[str] | None = None) -> None:
               "data": f"image folder {Path(args.data_dir).name}" if args.data_dir else
               "synthetic: random uint8 images (ebtrain), torchvision FakeData (reference)",
               "mfu_convention": "training FLOPs per image (ebtrain.flops: forward + backward) x images/s / peak",
-              "archs": {arch: bench_arch(arch, data, args, env["peak_tflops"], tickets) for arch in args.arch}}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+              "archs": {}}
+    for arch in args.arch:  # written after each, so a run cut short keeps the architectures it finished
+        report["archs"][arch] = bench_arch(arch, data, args, env["peak_tflops"], tickets)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
     print(f"-> {args.out}")
 

@@ -16,7 +16,9 @@ user would type, on synthetic CIFAR-sized images:
   resume_cpu_to_cuda, resume_cuda_to_cpu     a bfp8 search interrupted (SIGINT) after its first
                                              checkpoint and resumed on the other device
   deterministic_repeat                       two --deterministic runs give the same metrics, bit for bit
-  bench                                      scripts/bench_train.py, VGG16, eager and captured, p50/p70
+  bench                                      scripts/bench_train.py, VGG16, eager and captured, p70
+Independent checks run --jobs at a time (default 4: the machine's GPU is far from full with them); the
+bench runs alone at the end, so its timings are the device's own.
 Exit code: 0 if every check passed, 1 otherwise.
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +48,8 @@ class Checks:
         self.out, self.skip, self.device = out, skip, device
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.results: list[dict] = []
+        self.after_each = lambda: None  # called after each check, under the lock
+        self.lock = threading.Lock()
 
     def command(self, name: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
         """Run `args` (a python -m ebtrain command when it starts with a flag or subcommand), output to the log."""
@@ -68,9 +74,11 @@ class Checks:
         except Exception as e:  # a check fails; the others still run
             found, ok = {"error": f"{type(e).__name__}: {e}"}, False
         seconds = time.perf_counter() - started
-        self.results.append({"name": name, "passed": ok, "seconds": round(seconds, 1), **found})
-        print(f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.0f}s){'' if ok else ': ' + json.dumps(found)}",
-              flush=True)
+        with self.lock:
+            self.results.append({"name": name, "passed": ok, "seconds": round(seconds, 1), **found})
+            print(f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.0f}s){'' if ok else ': ' + json.dumps(found)}",
+                  flush=True)
+            self.after_each()
 
     def ebtrain(self, name: str, args: list[str], timeout: float = 300) -> dict:
         proc = self.command(name, args, timeout)
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", nargs="+", default=[], help="names of checks to leave out")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: run the checks on the CPU (resuming on the CPU too), to test this script")
+    p.add_argument("--jobs", type=int, default=4, help="independent checks run at once (the bench runs alone, last)")
     args = p.parse_args(argv)
     out = Path(args.out)
     import torch
@@ -158,40 +167,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     other = "cpu"  # the device a run moves to and from; with --device cpu both ends are the CPU
     checks = Checks(out, set(args.skip), args.device)
-    started = time.perf_counter()
-    checks.check("search_fp32_eager", lambda: search(checks, "search_fp32_eager", ["--compile", "off"]))
-    checks.check("search_fp32_captured", lambda: search(checks, "search_fp32_captured", []))
-    checks.check("search_bfp8_eager", lambda: search(checks, "search_bfp8_eager", ["--precision", "bfp8",
-                                                                                   "--compile", "off"]))
-    checks.check("search_bfp8_captured", lambda: search(checks, "search_bfp8_captured", ["--precision", "bfp8"]))
     ticket = out / "search_fp32_eager" / "tickets" / "p50.pt"
-    checks.check("prune", lambda: checks.ebtrain("prune", ["prune", str(ticket), "--output",
-                                                           str(out / "p50-pruned.pt")]))
-    for init in ("eb", "reinit", "rewind"):
-        checks.check(f"retrain_{init}", lambda init=init: retrain(checks, init))
     sync_bn = ["--sync-bn"] if args.device == "cuda" else []  # SyncBatchNorm is for GPUs
-    checks.check("torchrun_one_process", lambda: checks.ebtrain("torchrun_one_process", [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ebtrain",
-        "search", *SEARCH, *sync_bn, "--compile", "off", "--out", str(out / "torchrun_one_process")]))
-    checks.check("lottery_batched", lambda: checks.ebtrain("lottery_batched", [
-        "lottery", "--dataset", "synthetic", "--synthetic-size", "1024", "--image-size", "28", "--channels", "1",
-        "--arch", "lenet300_100", "--optimizer", "adam", "--lr", "0.0012", "--batch-size", "60", "--val-size",
-        "128", "--iterations", "200", "--eval-every", "50", "--rounds", "2", "--seeds", "2", "--progress", "off",
-        "--out", str(out / "lottery_batched")]))
-    checks.check("resume_cpu_to_cuda", lambda: resume_on_other_device(checks, "resume_cpu_to_cuda", other,
-                                                                      args.device))
-    checks.check("resume_cuda_to_cpu", lambda: resume_on_other_device(checks, "resume_cuda_to_cpu", args.device,
-                                                                      other))
-    checks.check("deterministic_repeat", lambda: deterministic_repeat(checks))
-    checks.check("bench", lambda: checks.ebtrain("bench", [
+    chains = [  # each chain's checks run in order; chains are independent of each other
+        [("search_fp32_eager", lambda: search(checks, "search_fp32_eager", ["--compile", "off"])),
+         ("prune", lambda: checks.ebtrain("prune", ["prune", str(ticket), "--output", str(out / "p50-pruned.pt")])),
+         *[(f"retrain_{init}", lambda init=init: retrain(checks, init)) for init in ("eb", "reinit", "rewind")]],
+        [("search_fp32_captured", lambda: search(checks, "search_fp32_captured", []))],
+        [("search_bfp8_eager", lambda: search(checks, "search_bfp8_eager", ["--precision", "bfp8", "--compile", "off"]))],
+        [("search_bfp8_captured", lambda: search(checks, "search_bfp8_captured", ["--precision", "bfp8"]))],
+        [("torchrun_one_process", lambda: checks.ebtrain("torchrun_one_process", [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ebtrain",
+            "search", *SEARCH, *sync_bn, "--compile", "off", "--out", str(out / "torchrun_one_process")]))],
+        [("lottery_batched", lambda: checks.ebtrain("lottery_batched", [
+            "lottery", "--dataset", "synthetic", "--synthetic-size", "1024", "--image-size", "28", "--channels", "1",
+            "--arch", "lenet300_100", "--optimizer", "adam", "--lr", "0.0012", "--batch-size", "60", "--val-size",
+            "128", "--iterations", "200", "--eval-every", "50", "--rounds", "2", "--seeds", "2", "--progress", "off",
+            "--out", str(out / "lottery_batched")]))],
+        [("resume_cpu_to_cuda", lambda: resume_on_other_device(checks, "resume_cpu_to_cuda", other, args.device)),
+         ("resume_cuda_to_cpu", lambda: resume_on_other_device(checks, "resume_cuda_to_cpu", args.device, other))],
+        [("deterministic_repeat", lambda: deterministic_repeat(checks))],
+    ]
+    order = [name for chain in chains for name, _ in chain] + ["bench"]
+    started = time.perf_counter()
+
+    def write_summary() -> dict:
+        """The summary so far (after every check, so a killed run keeps what it found)."""
+        results = sorted(checks.results, key=lambda r: order.index(r["name"]))
+        passed = sum(r["passed"] for r in results)
+        summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "jobs": args.jobs,
+                   "passed": passed, "failed": len(results) - passed,
+                   "seconds": round(time.perf_counter() - started, 1), "checks": results}
+        (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    checks.after_each = write_summary
+    with ThreadPoolExecutor(args.jobs) as pool:  # the checks themselves are subprocesses
+        for done in [pool.submit(lambda chain=chain: [checks.check(name, run) for name, run in chain])
+                     for chain in chains]:
+            done.result()
+    checks.check("bench", lambda: checks.ebtrain("bench", [  # alone on the device, so its timings are clean
         sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--arch", "vgg16", "--ratios", "0.7",
         "--steps", "30", "--device", args.device, "--out", str(out / "bench_train.json")], timeout=600))
-    passed = sum(r["passed"] for r in checks.results)
-    summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
-               "passed": passed, "failed": len(checks.results) - passed,
-               "seconds": round(time.perf_counter() - started, 1), "checks": checks.results}
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{passed} passed, {summary['failed']} failed in {summary['seconds']:.0f}s -> {out / 'gpu_check.json'}")
+    summary = write_summary()
+    print(f"{summary['passed']} passed, {summary['failed']} failed in {summary['seconds']:.0f}s -> "
+          f"{out / 'gpu_check.json'}")
     return 0 if summary["failed"] == 0 else 1
 
 
