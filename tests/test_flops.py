@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ebtrain.channel_flops import forward_flops
 from ebtrain.earlybird import channel_scores, draw_mask
 from ebtrain.flops import detector_ops, measure_cost
 from ebtrain.models import build_model
@@ -82,6 +83,7 @@ def test_pruned_vgg_flops_equal_the_hand_formula_on_kept_channels():
 
 
 @pytest.mark.parametrize("arch, kwargs", [("vgg11", {}), ("preresnet", {"depth": 11}), ("resnet20", {}),
+                                          ("resnet18_imagenet", {}), ("resnet50_imagenet", {}),
                                           ("lenet300_100", {}), ("conv2", {})])
 def test_every_family_dense_and_pruned_counts_like_real_tensors(arch, kwargs):
     torch.manual_seed(0)
@@ -98,6 +100,16 @@ def test_every_family_dense_and_pruned_counts_like_real_tensors(arch, kwargs):
         with FlopCounterMode(display=False) as counter:
             nn.functional.cross_entropy(net.train()(torch.randn(4, 3, 8, 8)), torch.zeros(4, dtype=torch.long)).backward()
         assert cost.step_flops == counter.get_total_flops()
+
+
+def test_imagenet_resnets_have_torchvisions_size_and_cost():
+    # ResNet-18 and -50 at 224 px, 1000 classes: torchvision's parameters, 1.81 and 4.09 G multiply-adds
+    for arch, params, flops in (("resnet18_imagenet", 11_689_512, 3_628_146_688),
+                                ("resnet50_imagenet", 25_557_032, 8_178_368_512)):
+        with torch.device("meta"):
+            model = build_model(arch, num_classes=1000, image_size=224)
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert forward_flops(model, (3, 224, 224))[0] == flops
 
 
 def test_a_smaller_last_batch_is_counted_per_image():

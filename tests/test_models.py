@@ -13,8 +13,8 @@ from ebtrain.models import (build_model, count_params, list_models, load_model, 
                             scaled)
 from ebtrain.models.preresnet import ChannelSelection
 
-# Small widths keep every model CPU-cheap; resnet18 and VGG start at 64 channels, hence smaller.
-WIDTH = {"vgg": 0.125, "resnet18": 0.0625, "lenet300_100": 0.25, "conv": 0.125}
+# Small widths keep every model CPU-cheap; resnet18/50 and VGG start at 64 channels, hence smaller.
+WIDTH = {"vgg": 0.125, "resnet18": 0.0625, "resnet50": 0.0625, "lenet300_100": 0.25, "conv": 0.125}
 
 
 def small(name: str, **kwargs) -> nn.Module:
@@ -25,7 +25,7 @@ def small(name: str, **kwargs) -> nn.Module:
 def test_registry_lists_every_family():
     assert list_models() == ["vgg11", "vgg13", "vgg16", "vgg19", "preresnet", "preresnet56",
                              "preresnet101", "preresnet164", "resnet20", "resnet32", "resnet56",
-                             "resnet18", "lenet300_100", "conv2", "conv4", "conv6"]
+                             "resnet18", "resnet18_imagenet", "resnet50_imagenet", "lenet300_100", "conv2", "conv4", "conv6"]
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -115,7 +115,10 @@ def test_prunable_bns_per_family():
     residual_feeding = all_bns - set(names)
     assert "stem.1" in residual_feeding and "layers.1.0.shortcut.1" in residual_feeding
     assert all(not n.endswith("bn1") for n in residual_feeding)
-    assert len(small("resnet18").prunable_bns()) == 8
+    assert len(small("resnet18").prunable_bns()) == 8 == len(small("resnet18_imagenet").prunable_bns())
+    bottlenecks = small("resnet50_imagenet")
+    names = [n for n, _ in bottlenecks.prunable_bns()]
+    assert len(names) == 2 * 16 and names[:3] == ["layers.0.0.bn1", "layers.0.0.bn2", "layers.0.1.bn1"]
 
     for name in ("lenet300_100", "conv2", "conv4", "conv6"):
         assert small(name).prunable_bns() == []
