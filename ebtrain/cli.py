@@ -224,9 +224,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    for name in list_models():
+    names = list_models()
+    for name in names:
         n = count_params(build_model(name, num_classes=args.num_classes, width=args.width))
-        print(f"{name:14s} {n:>12,d} parameters")
+        print(f"{name:{max(map(len, names))}s} {n:>12,d} parameters")
 
 
 # ---- the command table ----------------------------------------------------------------------------
