@@ -64,13 +64,16 @@ def _field(default: Any, help: str, choices: tuple | None = None, within: str | 
 # tickets rounded to 8 channels stepped 1.16x to 1.27x faster than dense where unrounded ones did not.
 GPU_ROUND_CHANNELS = 8
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "digits", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "imagenet", "digits", "synthetic")
+# The side `--image-size 0` means: ImageNet's crop, and CIFAR's for everything else.
+DEFAULT_IMAGE_SIZE = {"imagenet": 224}
 
 
 @dataclass
 class DataConfig:
     dataset: str = _field("cifar10", "dataset name", DATASETS)
-    data_dir: str = _field("data", "where datasets live (for imagefolder: the folder holding train/ and test/)")
+    data_dir: str = _field("data", "where datasets live (for imagefolder: the folder holding train/ and test/; for "
+                           "imagenet: train/ and val/, each with one folder of images per class)")
     download: bool = _field(False, "download torchvision datasets that are missing from data_dir")
     train_subset: int = _field(0, "use only the first N training images of a seeded shuffle (0: all)",
                                within="[0, inf)")
@@ -80,15 +83,16 @@ class DataConfig:
                           "off", ("auto", "on", "off"))
     synthetic_size: int = _field(512, "synthetic dataset: number of training images (test: a quarter)",
                                  within="[1, inf)")
-    image_size: int = _field(32, "synthetic dataset: image side in pixels; a streamed image folder: the side of "
-                             "the crop every image is trained and evaluated at", within="[1, inf)")
+    image_size: int = _field(0, "synthetic dataset: image side in pixels; a streamed image folder: the side of "
+                             "the crop every image is trained and evaluated at (0: 224 for imagenet, 32 otherwise)",
+                             within="[1, inf)", also=(0,))
     num_classes: int = _field(10, "synthetic dataset: number of classes", within="[2, inf)")
     channels: int = _field(3, "synthetic dataset: image channels", within="[1, inf)")
     loader: str = _field("auto", "image folders: memory (decode once, hold every image on the training device), "
                          "stream (decode each batch from disk in --workers processes: random resized crop and flip "
-                         "for training, resize and center crop to --image-size for evaluation), auto (stream when "
-                         "the images differ in size or would take over a quarter of RAM, or of GPU memory on CUDA, "
-                         "decoded)", ("auto", "memory", "stream"))
+                         "for training, resize and center crop to --image-size for evaluation), auto (imagenet: "
+                         "stream; imagefolder: stream when the images differ in size or would take over a quarter "
+                         "of RAM, or of GPU memory on CUDA, decoded)", ("auto", "memory", "stream"))
     workers: int = _field(-1, "streaming loader: decoding processes per split (0: decode in the training process; "
                           "-1: min(8, CPU count))", within="[0, inf)", also=(-1,))
 
@@ -365,6 +369,11 @@ def dump_yaml(cfg: Config) -> str:
 def compile_step(cfg: TrainConfig, device_type: str) -> bool:
     """Whether training compiles its step: `compile` auto means on CUDA."""
     return cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+
+
+def resolve_image_size(cfg: DataConfig) -> int:
+    """The image side of synthetic data and streamed folders: `image_size`, or with 0 the dataset's default."""
+    return cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset, 32)
 
 
 def rounding_multiple(cfg: SearchConfig, device_type: str) -> int:

@@ -8,7 +8,8 @@ so the accelerator never waits for Python (the airbench recipe).
 
 An image folder whose decoded images would not fit in memory, or whose images differ in size, is not
 decoded here: its splits are `FileSet`s (paths and labels) that `stream.StreamLoader` decodes batch by
-batch in worker processes (`choose_loader` says which path a folder takes, and why).
+batch in worker processes (`choose_loader` says which path a folder takes, and why). `imagenet` is an
+image folder too (`FOLDERS` says how it differs: val/ for its test split, always streamed).
 
 Randomness is explicit: the dataset splits depend on `seed`, a loader's order and augmentation depend on
 (`seed`, epoch) only, so epoch e of a resumed run sees exactly the batches it would have seen unbroken.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import UnreadableFile, atomic_save, load
-from .config import DataConfig, check_allowed
+from .config import DataConfig, check_allowed, resolve_image_size
 from .errors import UserError
 
 
@@ -104,7 +105,8 @@ Splits = tuple[ImageSet, ImageSet, list[str]]  # train, test, class names
 CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 # A streamed folder is never decoded whole, so its statistics are not measured: ImageNet's, as everyone uses.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-KNOWN_STATS = {"cifar10": CIFAR_STATS, "cifar100": CIFAR_STATS, "mnist": ((0.1307,), (0.3081,))}
+KNOWN_STATS = {"cifar10": CIFAR_STATS, "cifar100": CIFAR_STATS, "mnist": ((0.1307,), (0.3081,)),
+               "imagenet": IMAGENET_STATS}
 
 FOLDER_HELP = "use --dataset imagefolder --data-dir PATH for a folder of images"
 
@@ -156,7 +158,7 @@ def _load_digits(cfg: DataConfig, seed: int) -> Splits:
 
 def _make_synthetic(cfg: DataConfig, seed: int) -> Splits:
     generator = torch.Generator().manual_seed(seed)
-    k, c, s = cfg.num_classes, cfg.channels, cfg.image_size
+    k, c, s = cfg.num_classes, cfg.channels, resolve_image_size(cfg)
     # One smooth prototype per class (a random 4x4 pattern blown up to the image size): it survives a
     # few pixels of random crop and a flip, so the task stays learnable with augmentation on.
     prototypes = F.interpolate(torch.rand(k, c, 4, 4, generator=generator), size=(s, s),
@@ -175,6 +177,18 @@ def _make_synthetic(cfg: DataConfig, seed: int) -> Splits:
 
 
 # ----------------------------------------------------------------------------- image folders
+
+@dataclass(frozen=True)
+class FolderDataset:
+    """A dataset read from DIR/train/<class>/* and DIR/<test>/<class>/* (any extension case: .jpg, .JPEG): its
+    test split's folder, and whether `--loader auto` streams it without judging its size (ImageNet's 1.3M
+    images of every size never fit; its default `--image-size` is in config.DEFAULT_IMAGE_SIZE)."""
+
+    test: str
+    always_streams: bool = False
+
+
+FOLDERS = {"imagefolder": FolderDataset("test"), "imagenet": FolderDataset("val", always_streams=True)}
 
 CACHE_DIR = ".ebtrain-cache"
 CACHE_VERSION = 1  # bump when the cached layout or the decoding changes
@@ -274,19 +288,19 @@ def _stack(images: list[torch.Tensor], paths: list[str], root: Path) -> torch.Te
     return stacked[:, :1].clone() if bool((stacked[:, 1:] == stacked[:, :1]).all()) else stacked
 
 
-def _list_imagefolder(root: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
-    """The (path, label) samples of train/ and test/ and the class names, checked."""
-    layout = f"expected {root / 'train'}/<class>/* and {root / 'test'}/<class>/*"
+def _list_imagefolder(root: Path, test: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """The (path, label) samples of train/ and of the test split's folder `test`/, and the class names, checked."""
+    layout = f"expected {root / 'train'}/<class>/* and {root / test}/<class>/*"
     if not root.is_dir():
         raise UserError(f"image folder '{root}' not found: {layout}")
-    for split in ("train", "test"):
+    for split in ("train", test):
         if not (root / split).is_dir():
             raise UserError(f"'{root}' has no {split}/ folder: {layout}")
-    (train_samples, classes), (test_samples, test_classes) = _list_folder(root / "train"), _list_folder(root / "test")
+    (train_samples, classes), (test_samples, test_classes) = _list_folder(root / "train"), _list_folder(root / test)
     if classes != test_classes:
         only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
-        raise UserError(f"classes differ between {root / 'train'} and {root / 'test'}: only in train: "
-                        f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
+        raise UserError(f"classes differ between {root / 'train'} and {root / test}: only in train: "
+                        f"{', '.join(only_train) or '-'}; only in {test}: {', '.join(only_test) or '-'}")
     if len(classes) < 2:
         raise UserError(f"'{root / 'train'}' holds one class ({classes[0]}): a classifier needs at least 2 class "
                         "folders")
@@ -388,9 +402,13 @@ def _load_imagefolder(cfg: DataConfig, device: torch.device | None) -> tuple[Ima
                                                                              list[str], str]:
     """train, test, classes and the loader chosen ("memory": `ImageSet`s, "stream": `FileSet`s); prints the
     choice and its reason once."""
-    root = Path(cfg.data_dir)
-    train_samples, test_samples, classes = _list_imagefolder(root)
-    loader, reason = choose_loader(cfg.loader, [p for p, _ in train_samples + test_samples], device)
+    root, folder = Path(cfg.data_dir), FOLDERS[cfg.dataset]
+    train_samples, test_samples, classes = _list_imagefolder(root, folder.test)
+    paths = [p for p, _ in train_samples + test_samples]
+    if folder.always_streams and cfg.loader == "auto":
+        loader, reason = "stream", f"{len(paths)} images, --dataset {cfg.dataset}"
+    else:
+        loader, reason = choose_loader(cfg.loader, paths, device)
     train = test = None
     if loader == "memory":
         try:
@@ -398,7 +416,7 @@ def _load_imagefolder(cfg: DataConfig, device: torch.device | None) -> tuple[Ima
         except MixedSizes:
             if cfg.loader == "memory":
                 raise
-            loader, reason = "stream", f"{len(train_samples) + len(test_samples)} images of mixed sizes"
+            loader, reason = "stream", f"{len(paths)} images of mixed sizes"
     if distributed.is_main():
         print(f"loader: {loader} ({reason})", file=sys.stderr, flush=True)
     if loader == "stream":
@@ -457,7 +475,8 @@ def _should_augment(setting: str, name: str, channels: int, size: int, loader: s
     if loader == "stream":  # the ImageNet recipe: a random resized crop of any image, at any crop size
         return True
     # Crop-and-flip is the CIFAR recipe; it hurts digits (a mirrored 2 is not a 2) and tiny images.
-    return name in ("cifar10", "cifar100") or (name in ("imagefolder", "synthetic") and channels == 3 and size >= 32)
+    cifar_like = (name in FOLDERS or name == "synthetic") and channels == 3 and size >= 32
+    return name in ("cifar10", "cifar100") or cifar_like
 
 
 def load_data(cfg: DataConfig, seed: int = 1, device: torch.device | None = None) -> DataBundle:
@@ -470,7 +489,7 @@ def load_data(cfg: DataConfig, seed: int = 1, device: torch.device | None = None
     validation sizes the data cannot give.
     """
     check_allowed(cfg)
-    if cfg.dataset == "imagefolder":
+    if cfg.dataset in FOLDERS:
         train, test, classes, loader = _load_imagefolder(cfg, device)
     elif cfg.loader == "stream":
         raise UserError(f"--loader stream reads image folders, and {cfg.dataset} is held in memory: drop --loader, "
@@ -479,7 +498,7 @@ def load_data(cfg: DataConfig, seed: int = 1, device: torch.device | None = None
         (train, test, classes), loader = SOURCES[cfg.dataset](cfg, seed), "memory"
     train, val = _split(train, cfg.train_subset, cfg.val_size, seed, cfg.dataset)
     if loader == "stream":  # decoded to RGB and cropped to cfg.image_size batch by batch
-        (mean, std), channels, size = IMAGENET_STATS, 3, cfg.image_size
+        (mean, std), channels, size = IMAGENET_STATS, 3, resolve_image_size(cfg)
     else:
         mean, std = KNOWN_STATS.get(cfg.dataset) or channel_stats(train.images)
         channels, size = train.images.shape[1], train.images.shape[2]

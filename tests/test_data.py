@@ -114,7 +114,7 @@ def test_subset_and_validation_split(monkeypatch):
 
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(UserError, match="cifar10.*synthetic"):
-        load_data(DataConfig(dataset="imagenet"))
+        load_data(DataConfig(dataset="svhn"))
 
 
 def test_missing_cifar10_says_how_to_get_it(tmp_path):

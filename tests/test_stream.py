@@ -25,18 +25,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-def write_jpegs(root: Path, per_class: int = 24, test_per_class: int = 8, sizes=(40, 120), seed: int = 0) -> Path:
-    """train/ and test/ folders of 2 classes (dark and light noise) of JPEGs, each side drawn from `sizes`
-    (one size for all when its two ends are equal)."""
+def write_jpegs(root: Path, per_class: int = 24, test_per_class: int = 8, sizes=(40, 120), seed: int = 0,
+                test: str = "test", suffix: str = ".jpg") -> Path:
+    """train/ and `test`/ folders of 2 classes (dark and light noise) of JPEGs named *`suffix`, each side drawn
+    from `sizes` (one size for all when its two ends are equal)."""
     rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("test", test_per_class)):
+    for split, n in (("train", per_class), (test, test_per_class)):
         for label, name in enumerate(("dark", "light")):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 h, w = rng.integers(sizes[0], sizes[1] + 1, 2)
                 pixels = rng.normal(70 + 110 * label, 40, (h, w, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+                Image.fromarray(pixels).save(folder / f"{i}{suffix}", format="JPEG", quality=90)
     return root
 
 
