@@ -1,20 +1,22 @@
-"""--dataset imagenet (an image folder whose test split is val/, streamed, 224 px by default) and the ImageNet
-ResNets trained through it: on a tiny folder of generated JPEGs of mixed sizes."""
+"""--dataset imagenet (an image folder whose test split is val/, streamed, 224 px by default), the ImageNet
+ResNets trained through it, and the ImageNet configs: on a tiny folder of generated JPEGs of mixed sizes."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from ebtrain.config import DataConfig
+from ebtrain.cli import main
+from ebtrain.config import DataConfig, load_yaml, resolve_milestones
 from ebtrain.data import IMAGENET_STATS, FileSet, load_data
 from ebtrain.errors import UserError
 from ebtrain.models import load_model
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from test_stream import write_jpegs
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -60,3 +62,19 @@ def test_search_prune_retrain_resnet18_imagenet_through_the_cli(imagenet, tmp_pa
     pruned = load_model(run / "retrain" / "p30" / "model.pt")
     assert (pruned.arch["name"], pruned.arch["image_size"]) == ("resnet18_imagenet", 32)
     assert sum(bn.num_features for _, bn in pruned.prunable_bns()) == ticket["channels_kept"] < ticket["channels_total"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18_imagenet", "resnet50_imagenet"])
+def test_imagenet_config_holds_the_recipe_and_trains_an_epoch_when_shrunk(arch, imagenet, tmp_path):
+    config = ROOT / "configs" / f"{arch}.yaml"
+    cfg = load_yaml(config)
+    t = cfg.train
+    assert (cfg.data.dataset, cfg.data.image_size, cfg.data.loader, cfg.model.arch) == ("imagenet", 224, "stream", arch)
+    assert (t.epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay) == (90, 256, 0.1, "sgd", 0.9, 1e-4)
+    assert resolve_milestones(t.milestones, t.epochs) == [30, 60, 80] and t.gamma == 0.1
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data-dir", str(imagenet), "--image-size", "32", "--width",
+                 "0.0625", "--epochs", "1", "--milestones", "--batch-size", "6", *QUIET, "--out", str(run)]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and math.isfinite(metrics[0]["train_loss"])
+    assert load_model(run / "model.pt").arch["name"] == arch
