@@ -40,7 +40,13 @@ class Hook:
         """Called after loss.backward(), before the optimizer step (e.g. to edit gradients)."""
 
     def after_step(self, trainer: "Trainer") -> None:
-        """Called after optimizer.step() (e.g. to round the updated weights and optimizer state)."""
+        """Called after optimizer.step() (e.g. to round the updated weights and optimizer state). With a
+        compiled step this runs inside the compiled update: tensor work only, no Python state that
+        changes from step to step (each new value would compile the update again)."""
+
+    def step_end(self, trainer: "Trainer") -> None:
+        """Called after every training step, outside the compiled step: host-side work such as counting or
+        timing steps (`trainer.steps` is the number done). Runs every step, so keep it cheap."""
 
     def after_epoch(self, trainer: "Trainer", epoch: int, metrics: dict) -> None:
         """Called after epoch `epoch` (1-based, global) is trained and evaluated.
@@ -200,6 +206,17 @@ class _FirstCallTimer:
         return out
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` without torch.optim's wrappers, for the compiled update: they switch grad mode with
+    a graph break on either side (so a step compiled alone is an inference graph) and call the step's
+    hooks, which ebtrain does not use. The caller runs it under `torch.no_grad()`, so the hooks before the
+    step, the step and the hooks after it compile into one graph, one replay per step on CUDA."""
+    step = type(optimizer).step
+    while hasattr(step, "__wrapped__"):
+        step = step.__wrapped__
+    step(optimizer)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -355,8 +372,11 @@ class Trainer:
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
             self.optimizer.zero_grad(set_to_none=True)
             self._first_calls.call(shape, loss.backward)
-            self._first_calls.call(shape, self._update)
+            with torch.no_grad():  # the update's graph is then an inference graph, updating in place
+                self._first_calls.call(shape, self._update)
             self.steps += 1
+            for hook in self.hooks:
+                hook.step_end(self)
         n = self.train_loader.num_samples
         metrics = {"epoch": e + 1, "lr": lr, "train_loss": distributed.all_reduce_sum(loss_sum).item() / n,
                    "train_acc": distributed.all_reduce_sum(correct).item() / n}
@@ -395,10 +415,14 @@ class Trainer:
         return loss, (out.argmax(1) == y).sum()
 
     def _apply_update(self) -> None:
-        """The step after backward: the hooks that edit gradients, the optimizer, the hooks after it."""
+        """The step after backward: the hooks that edit gradients, the optimizer, the hooks after it.
+        Compiled, it is one graph: see `_optimizer_step`."""
         for hook in self.hooks:
             hook.after_backward(self)
-        self.optimizer.step()
+        if self.compiled:
+            _optimizer_step(self.optimizer)
+        else:
+            self.optimizer.step()
         for hook in self.hooks:
             hook.after_step(self)
 

@@ -138,7 +138,7 @@ class StepTimer(Hook):
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps, self.done, self.started, self.seconds = warmup, steps, 0, 0.0, None
 
-    def after_step(self, trainer: Trainer) -> None:
+    def step_end(self, trainer: Trainer) -> None:
         self.done += 1
         if self.done == self.warmup:
             if trainer.device.type == "cuda":

@@ -143,7 +143,7 @@ class StepTimer(Hook):
         self.profiler: torch.profiler.profile | None = None
         self.profile_seconds = 0.0
 
-    def after_step(self, trainer: Trainer) -> None:
+    def step_end(self, trainer: Trainer) -> None:
         self.done += 1
         timed_end, profile_end = self.warmup + self.steps, self.warmup + self.steps + self.profile_steps
         if self.done in (self.warmup, timed_end, profile_end):

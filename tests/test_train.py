@@ -162,6 +162,22 @@ def test_compiled_step_trains_as_the_eager_step_does(tmp_path):
     assert not torch.allclose(train("off", 0.0)[1][gamma], eager_weights[gamma], atol=1e-3)
 
 
+def test_the_compiled_update_is_one_graph(tmp_path):
+    # hooks before the optimizer, its step and the hooks after it: one graph, no break (torch.optim's step
+    # wrapper would add two), so on CUDA the update is one graph replay a step
+    from torch._dynamo.utils import counters
+    from ebtrain.search import L1Sparsity
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(tiny_config(tmp_path, data={"synthetic_size": 64}, train={"epochs": 1, "compile": "on"}),
+                           None)
+    trainer.hooks.append(L1Sparsity(trainer.model, 1e-4))
+    trainer.fit()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert trainer.steps == 2
+
+
 def test_compile_setting_resolves_by_device(tiny):
     from ebtrain.config import compile_step, rounding_multiple
     assert [compile_step(tiny.train, d) for d in ("cpu", "cuda")] == [False, True]
