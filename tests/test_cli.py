@@ -64,7 +64,7 @@ FOLDER = ["--dataset", "imagefolder", "--data-dir", "{tmp}/images", "--arch", "v
 # must hold, and what to create first
 BAD_INPUTS = [
     pytest.param(["--arch", "vgg17"], "unknown arch 'vgg17'", None, id="unknown-arch"),
-    pytest.param(["--dataset", "imagenet"], "data.dataset = 'imagenet' is not allowed", None, id="unknown-dataset"),
+    pytest.param(["--dataset", "svhn"], "data.dataset = 'svhn' is not allowed", None, id="unknown-dataset"),
     pytest.param(["--dataset", "cifar10", "--data-dir", "/nonexistent/ebtrain"], "--download", None,
                  id="missing-cifar"),
     pytest.param(["--dataset", "imagefolder", "--data-dir", "/nonexistent/ebtrain"], "/nonexistent/ebtrain", None,
