@@ -11,7 +11,7 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
@@ -43,30 +43,32 @@ def finishing_before_interrupt() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)  # now, to the handler that was in place: KeyboardInterrupt
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically."""
+def _write_then_rename(path: str | Path, mode: str, write: Callable[[IO], Any]) -> None:
+    """`write` the file to a temporary name beside `path`, then rename it into place. The temporary name
+    is this process's own, so two processes writing one file (two runs filling one data cache) each
+    rename a whole file of their own, and the last one wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with finishing_before_interrupt():
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
+        try:
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            _replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing or renaming failed
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically."""
+    _write_then_rename(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write `text` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with finishing_before_interrupt():
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
+    _write_then_rename(path, "w", lambda f: f.write(text))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

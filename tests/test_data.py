@@ -5,14 +5,17 @@ Run `python -m tests.test_data` from the repository root to time the loader on C
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ebtrain import data
+from ebtrain import checkpoint, data
 from ebtrain.config import DataConfig
 from ebtrain.data import BatchLoader, ImageSet, crop_and_flip, derived_seed, load_data
 from ebtrain.errors import UserError
@@ -162,6 +165,29 @@ def test_imagefolder_loads_and_caches(tmp_path, monkeypatch):
     Image.fromarray(written["train/cat/0.png"]).save(tmp_path / "train/cat/extra.png")  # the tree changed
     with pytest.raises(AssertionError, match="decoded again"):
         load_data(DataConfig(dataset="imagefolder", data_dir=str(tmp_path)))
+
+
+def test_two_runs_fill_one_cache_at_once(tmp_path, monkeypatch, capsys):
+    """Two runs started together on one folder both decode it and both write its cache: the second
+    renames its file into place while the first is still writing, and neither loses its write."""
+    write_tree(tmp_path)
+    load_in_another_process = ("from ebtrain.config import DataConfig; from ebtrain.data import load_data; "
+                               f"load_data(DataConfig(dataset='imagefolder', data_dir={str(tmp_path)!r}))")
+    rename = checkpoint._replace
+
+    def other_run_finishes_first(tmp, path):
+        subprocess.run([sys.executable, "-c", load_in_another_process], check=True,
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True)
+        assert path.is_file()  # the other run's cache is in place
+        rename(tmp, path)
+
+    monkeypatch.setattr(checkpoint, "_replace", other_run_finishes_first)
+    bundle = load_data(DataConfig(dataset="imagefolder", data_dir=str(tmp_path)))
+    assert "could not write the cache" not in capsys.readouterr().err
+    monkeypatch.setattr(data, "read_image", lambda path: pytest.fail("decoded again: no cache was left"))
+    assert torch.equal(load_data(DataConfig(dataset="imagefolder", data_dir=str(tmp_path))).train.images,
+                       bundle.train.images)
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_imagefolder_channels(tmp_path):
