@@ -154,13 +154,14 @@ def config_to_resume(overrides: dict[str, dict], config_file: str | None = None)
     out = overrides.get("run", {}).get("out")
     if not out:
         raise UserError("--resume needs --out RUN_DIR: the run to continue")
+    saved = config_for_resume(out)  # a folder with no run to continue is named first, whatever else is wrong
     given = [f"{section}.{name}" for section, values in overrides.items() for name in values]
     refused = (["--config"] if config_file else []) + [flag(key.split(".")[1]) for key in given
                                                        if key not in RESUME_MAY_SET]
     if refused:
         raise UserError(f"--resume continues '{out}' with the settings it started with ({Path(out) / CONFIG_FILE}): "
                         f"drop {', '.join(refused)}, or start a new run (--overwrite replaces this one)")
-    return apply_overrides(config_for_resume(out), overrides)  # only settings of RESUME_MAY_SET are left
+    return apply_overrides(saved, overrides)  # only settings of RESUME_MAY_SET are left
 
 
 def config_for_resume(out: str | Path) -> Config:
@@ -168,9 +169,13 @@ def config_for_resume(out: str | Path) -> Config:
     out = Path(out)
     cfg = saved_config(out)
     if cfg is None:
-        raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
+        raise _nothing_to_resume(out)
     cfg.run.resume, cfg.run.out = True, str(out)
     return cfg
+
+
+def _nothing_to_resume(out: Path) -> UserError:
+    return UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}; start the run without --resume")
 
 
 def saved_config(run_dir: Path) -> Config | None:
@@ -193,7 +198,7 @@ def _prepare_run_dir(cfg: Config) -> Path:
     holds_run = (out / CONFIG_FILE).exists()
     if cfg.run.resume:
         if not holds_run:
-            raise UserError(f"nothing to resume in '{out}': it holds no {CONFIG_FILE}")
+            raise _nothing_to_resume(out)
         return out
     if holds_run:
         if not cfg.run.overwrite:

@@ -45,3 +45,5 @@ def test_resume_may_change_only_where_and_how_a_run_reports(tmp_path):
         rundir.config_to_resume({"run": {"resume": True}})
     with pytest.raises(UserError, match="nothing to resume"):
         rundir.config_for_resume(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="nothing to resume in .*start the run without --resume"):  # not "drop --epochs"
+        rundir.config_to_resume({"run": {"out": str(tmp_path / "elsewhere"), "resume": True}, "train": {"epochs": 9}})
