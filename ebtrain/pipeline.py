@@ -159,6 +159,8 @@ def _summary_head(cfg: Config, device: torch.device) -> dict:
             "epochs": cfg.train.epochs, "device": str(device)}
     if distributed.world_size() > 1:  # results depend on it (each process's BatchNorm sees its share of a batch)
         head["processes"] = distributed.world_size()
+    if device.type == "cpu":  # so do CPU results: another thread count adds up the products in another order
+        head["threads"] = torch.get_num_threads()
     return head
 
 

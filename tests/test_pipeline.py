@@ -1,5 +1,6 @@
 import json
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ebtrain import checkpoint
@@ -19,6 +20,8 @@ def test_eb_train_end_to_end_outputs_agree(tmp_path):
 
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
+    # CPU results depend on the thread count, so the summary says it
+    assert summary["device"] == "cpu" and summary["threads"] == torch.get_num_threads()
     assert summary["search"]["epochs_trained"] == 2 and summary["search"]["pending"] == []
     assert set(summary["tickets"]) == {"p30", "p50"}
     for name, ratio in (("p30", 0.3), ("p50", 0.5)):
